@@ -61,6 +61,7 @@ const LOG_EVENTS = new Set([
   "drain_end",
   "probe_failed",
   "abuse_close",
+  "http_error",
 ]);
 const LOG_LEVELS = new Set(["debug", "info", "warn", "error"]);
 
@@ -597,6 +598,7 @@ describe("fly.toml is true to the relay", () => {
 describe("metrics after real traffic", () => {
   let relay: Awaited<ReturnType<typeof startRelayFromEnv>>;
   let scrape = "";
+  let replayAnswer: { status: number; flyReplay: string | null } | undefined;
 
   beforeAll(async () => {
     relay = await startRelayFromEnv({
@@ -617,7 +619,7 @@ describe("metrics after real traffic", () => {
     expect((await guest.next("error", 5000)).code).toBe("rate_limited");
     // a fly-replay answer: a room request pinned to another instance
     const replay = await fetch(`${relay.url}/room/ABCDEF?instance=some-other-instance`, { redirect: "manual" });
-    expect(replay.status).toBe(409);
+    replayAnswer = { status: replay.status, flyReplay: replay.headers.get("fly-replay") };
     // close the room: 4001 to both
     host.send({ type: "close_room" });
     expect((await guest.closed).code).toBe(4001);
@@ -647,7 +649,7 @@ describe("metrics after real traffic", () => {
   test("the traffic shows up in the counters", () => {
     const { samples } = parseExposition(scrape);
     expect(sum(samples, "party_sockets_rooms_created_total")).toBeGreaterThanOrEqual(1);
-    expect(sum(samples, "party_sockets_connections_total")).toBeGreaterThanOrEqual(2);
+    expect(sum(samples, "party_sockets_connections_total", { origin: "https://party.example" })).toBeGreaterThanOrEqual(2);
     expect(sum(samples, "party_sockets_messages_relayed_total", { kind: "broadcast" })).toBeGreaterThanOrEqual(1);
     expect(sum(samples, "party_sockets_messages_relayed_total", { kind: "targeted" })).toBeGreaterThanOrEqual(1);
     expect(sum(samples, "party_sockets_deliveries_total")).toBeGreaterThanOrEqual(2);
@@ -656,9 +658,14 @@ describe("metrics after real traffic", () => {
     expect(sum(samples, "party_sockets_errors_total", { code: "target_not_found" })).toBeGreaterThanOrEqual(1);
     expect(sum(samples, "party_sockets_rate_limited_frames_total")).toBeGreaterThanOrEqual(1);
     expect(sum(samples, "party_sockets_closes_total", { code: "4001" })).toBeGreaterThanOrEqual(2);
-    expect(sum(samples, "party_sockets_replays_total")).toBeGreaterThanOrEqual(1);
     expect(sum(samples, "party_sockets_rooms")).toBe(0);
     expect(sum(samples, "process_resident_memory_bytes")).toBeGreaterThan(1e6);
+  });
+
+  test("a request pinned to another instance is answered with fly-replay, and counted", () => {
+    expect(replayAnswer).toMatchObject({ status: 409 });
+    expect(replayAnswer!.flyReplay).toContain("instance=some-other-instance");
+    expect(sum(parseExposition(scrape).samples, "party_sockets_replays_total")).toBeGreaterThanOrEqual(1);
   });
 
   test("every series carries instance, region (upper case) and version", () => {
@@ -812,7 +819,14 @@ describe("log lines", () => {
     const child = Child.start(
       [BUN, "run", join(ROOT, "server.ts")],
       ROOT,
-      { PORT: String(port), HOST: "127.0.0.1", LOG_LEVEL: "debug", REGION: "ams", INSTANCE_ID: "ops-logs" },
+      {
+        PORT: String(port),
+        HOST: "127.0.0.1",
+        LOG_LEVEL: "debug",
+        REGION: "ams",
+        INSTANCE_ID: "ops-logs",
+        MAX_MESSAGE_BYTES: "2048",
+      },
       "relay (server.ts)",
     );
     const started = await child.waitForLog((e) => e.event === "start", 10_000, "start");
@@ -832,10 +846,18 @@ describe("log lines", () => {
     await second.host.closed;
     let roomsClosed = 0;
     await child.waitForLog((e) => e.event === "room_closed" && ++roomsClosed === 2, 5000, "room_closed for the emptied room");
+    // An abuse close: a frame past MAX_MESSAGE_BYTES, carrying a clientId and a payload marker.
+    const abuser = await Peer.open(url);
+    const abuserId = `ops-abuser-${randomHex()}`;
+    const oversized = JSON.stringify({ type: "create", clientId: abuserId, maxClients: 2, pad: first.marker.repeat(200) });
+    expect(oversized.length).toBeGreaterThan(2048);
+    abuser.send(oversized);
+    expect((await abuser.closed).code).toBe(1009);
+    await child.waitForLog((e) => e.event === "abuse_close", 5000, "abuse_close after an oversized frame");
     child.proc.kill("SIGTERM");
     expect(await child.exit(10_000)).toBe(0);
 
-    const secrets = [...first.clientIds, ...second.clientIds, first.marker, second.marker];
+    const secrets = [...first.clientIds, ...second.clientIds, abuserId, first.marker, second.marker];
     const events: string[] = [];
     for (const line of child.lines.filter((l) => l !== "")) {
       let entry: Record<string, unknown>;
@@ -854,7 +876,7 @@ describe("log lines", () => {
       events.push(entry.event as string);
     }
     for (const secret of secrets) expect(child.stderr).not.toContain(secret);
-    for (const required of ["start", "room_created", "room_closed", "drain_start", "drain_end"]) {
+    for (const required of ["start", "room_created", "room_closed", "abuse_close", "drain_start", "drain_end"]) {
       expect(events).toContain(required);
     }
     const closed = child.lines
