@@ -606,6 +606,10 @@ describe("metrics after real traffic", () => {
       INSTANCE_ID: "ops-metrics",
       RATE_LIMIT_PER_SEC: "5",
       RATE_LIMIT_BURST: "5",
+      // Routing on (as on Fly), so `?instance=` of another machine is replayed;
+      // peer discovery, if anything asked for it, would hit a closed loopback port.
+      FLY_APP_NAME: "ops-metrics-app",
+      DNS_SERVER: `127.0.0.1:${freePort()}`,
     });
     const origin = { headers: { Origin: "https://party.example" } };
     const { host, guest } = await roundTrip(relay.wsUrl, origin);
@@ -813,10 +817,14 @@ describe("TLS (TLS_CERT_FILE / TLS_KEY_FILE)", () => {
 
 // ================================================================== (g)
 
-describe("log lines", () => {
-  test("LOG_LEVEL=debug: one JSON object per line with t/level/event, documented events only, no clientId or payload", async () => {
+describe("log lines (LOG_LEVEL=debug, a relay process with real traffic)", () => {
+  let child: Child;
+  const secrets: string[] = [];
+  let probeAnswer = 0;
+
+  beforeAll(async () => {
     const port = freePort();
-    const child = Child.start(
+    child = Child.start(
       [BUN, "run", join(ROOT, "server.ts")],
       ROOT,
       {
@@ -826,11 +834,15 @@ describe("log lines", () => {
         REGION: "ams",
         INSTANCE_ID: "ops-logs",
         MAX_MESSAGE_BYTES: "2048",
+        // Routing on, with peer discovery pointed at a closed loopback port:
+        // a probe fails fast and must be logged as probe_failed.
+        FLY_APP_NAME: "ops-logs-app",
+        DNS_SERVER: `127.0.0.1:${freePort()}`,
+        PROBE_TIMEOUT_MS: "1000",
       },
       "relay (server.ts)",
     );
-    const started = await child.waitForLog((e) => e.event === "start", 10_000, "start");
-    expect(started.level).toBe("info");
+    await child.waitForLog((e) => e.event === "start", 10_000, "start");
 
     const url = `ws://127.0.0.1:${port}`;
     // A room closed by its host...
@@ -854,12 +866,18 @@ describe("log lines", () => {
     abuser.send(oversized);
     expect((await abuser.closed).code).toBe(1009);
     await child.waitForLog((e) => e.event === "abuse_close", 5000, "abuse_close after an oversized frame");
+    // A lookup of a room of this region that is gone: peers are probed (and discovery fails).
+    probeAnswer = (await fetch(`http://127.0.0.1:${port}/room/${first.room}`)).status;
+    secrets.push(...first.clientIds, ...second.clientIds, abuserId, first.marker, second.marker);
+    // SIGTERM with no room left: drain_start, drain_end, exit 0.
     child.proc.kill("SIGTERM");
     expect(await child.exit(10_000)).toBe(0);
+  }, 40_000);
 
-    const secrets = [...first.clientIds, ...second.clientIds, abuserId, first.marker, second.marker];
-    const events: string[] = [];
-    for (const line of child.lines.filter((l) => l !== "")) {
+  test("every stdout line is one JSON object with t (ISO time), level and a documented event", () => {
+    const lines = child.lines.filter((l) => l !== "");
+    expect(lines.length).toBeGreaterThan(0);
+    for (const line of lines) {
       let entry: Record<string, unknown>;
       try {
         entry = JSON.parse(line);
@@ -872,17 +890,33 @@ describe("log lines", () => {
       expect(new Date(entry.t as string).toISOString()).toBe(entry.t as string);
       expect([...LOG_LEVELS]).toContain(entry.level as string);
       expect([...LOG_EVENTS]).toContain(entry.event as string);
-      for (const secret of secrets) expect(line).not.toContain(secret);
-      events.push(entry.event as string);
     }
-    for (const secret of secrets) expect(child.stderr).not.toContain(secret);
+  });
+
+  test("no line carries a clientId or message data (stdout and stderr)", () => {
+    expect(secrets.length).toBe(7);
+    for (const secret of secrets) {
+      for (const line of child.lines) expect(line).not.toContain(secret);
+      expect(child.stderr).not.toContain(secret);
+    }
+  });
+
+  test("the lifecycle is logged: start, room_created, room_closed with a reason, abuse_close, drain_start, drain_end", () => {
+    const entries = child.lines.filter((l) => l !== "").map((l) => JSON.parse(l) as Record<string, unknown>);
+    const events = entries.map((e) => e.event);
     for (const required of ["start", "room_created", "room_closed", "abuse_close", "drain_start", "drain_end"]) {
       expect(events).toContain(required);
     }
-    const closed = child.lines
-      .filter((l) => l.includes('"room_closed"'))
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(entries.find((e) => e.event === "start")!.level).toBe("info");
+    const closed = entries.filter((e) => e.event === "room_closed");
     for (const c of closed) expect(typeof c.reason).toBe("string");
     expect(new Set(closed.map((c) => c.reason)).size).toBe(2); // host close vs. emptied
-  }, 30_000);
+    expect(entries.find((e) => e.event === "abuse_close")).toMatchObject({ code: 1009 });
+  });
+
+  test("a failed peer probe is logged as probe_failed, and the lookup still answers", () => {
+    expect(probeAnswer).toBe(404);
+    const events = child.lines.filter((l) => l !== "").map((l) => JSON.parse(l).event);
+    expect(events).toContain("probe_failed");
+  });
 });
