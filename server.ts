@@ -291,6 +291,8 @@ interface Conn {
   rateErrorAtMs: number;
   /** Last frame or pong from the client: the heartbeat's evidence of life. */
   lastSeenMs: number;
+  /** The relay has closed this socket; its close handshake may still be in flight. */
+  closing: boolean;
 }
 
 /** A slot: its index is stable for the room's life and never given to another clientId. */
@@ -448,6 +450,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   // ------------------------------------------------------------ delivery
 
   function recordClose(ws: Socket, close: CloseName): void {
+    if (ws.data.closing) return;
+    ws.data.closing = true;
     const { code, reason } = CLOSES[close];
     bump(counters.closes, code);
     ws.close(code, reason);
@@ -848,6 +852,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function onFrame(ws: Socket, raw: string | Buffer): void {
     const conn = ws.data;
+    if (conn.closing) return;
     const nowMs = Date.now();
     conn.lastSeenMs = nowMs;
     if (!allowFrame(conn, nowMs)) {
@@ -903,6 +908,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     const nowMs = Date.now();
     for (const room of rooms.values()) trimRing(room, nowMs);
     for (const ws of conns) {
+      if (ws.data.closing) continue;
       const silentMs = nowMs - ws.data.lastSeenMs;
       if (silentMs > options.heartbeatTimeoutMs) {
         log.info("abuse_close", { reason: "unresponsive", code: CLOSES.unresponsive.code });
@@ -977,6 +983,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       bucketAtMs: nowMs,
       rateErrorAtMs: 0,
       lastSeenMs: nowMs,
+      closing: false,
     };
     if (srv.upgrade(req, { data: conn })) return undefined;
     return text("Expected a WebSocket upgrade\n", "text/plain", 400);
