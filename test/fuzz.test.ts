@@ -91,7 +91,8 @@ const relay = testRelay({ maxMessageBytes: MAX_MESSAGE_BYTES, rateLimitPerSec: 0
 afterAll(() => relay.stop());
 
 test(`seed ${SEED}: ${HOSTILE_SOCKETS} x ${FRAMES_PER_SOCKET} hostile frames; the real room loses nothing`, async () => {
-  const rssBefore = process.memoryUsage().rss;
+  Bun.gc(true);
+  const heapBefore = process.memoryUsage().heapUsed;
   const { host, code } = await createRoom(relay, "real-host", 256);
   const guests = await Promise.all([1, 2, 3].map((i) => joinRoom(relay, code, `real-guest-${i}`)));
 
@@ -116,8 +117,10 @@ test(`seed ${SEED}: ${HOSTILE_SOCKETS} x ${FRAMES_PER_SOCKET} hostile frames; th
       stats.frames++;
       client.ws.send(frame);
       if (oversized) {
-        await client.error("message_too_large");
-        expect((await client.closeCode()).code).toBe(1009);
+        // Another socket may have replaced this one (4000) or closed its room (4001) first.
+        const answered = await client.error("message_too_large").then(() => true, () => false);
+        const { code: closeCode } = await client.closeCode();
+        expect(answered ? closeCode === 1009 : DOCUMENTED_CLOSES.has(closeCode)).toBe(true);
         stats.closes++;
         client = await TestClient.connect(relay.wsUrl);
         continue;
@@ -168,10 +171,14 @@ test(`seed ${SEED}: ${HOSTILE_SOCKETS} x ${FRAMES_PER_SOCKET} hostile frames; th
     expect(fromHost).toEqual([...Array(sent).keys()]);
   }
   expect((await fetch(`${relay.url}/health`)).status).toBe(200);
-  const rssGrowthMb = (process.memoryUsage().rss - rssBefore) / 2 ** 20;
-  console.log(JSON.stringify({ seed: SEED, ...stats, realMessages: sent, rssGrowthMb: Math.round(rssGrowthMb) }));
+  for (const { client } of guests) client.frames.length = 0;
+  Bun.gc(true);
+  // Relay and clients share this process: the heap left after a collection bounds what the relay kept.
+  const heapGrowthMb = (process.memoryUsage().heapUsed - heapBefore) / 2 ** 20;
+  const rssMb = process.memoryUsage().rss / 2 ** 20;
+  console.log(JSON.stringify({ seed: SEED, ...stats, realMessages: sent, heapGrowthMb: +heapGrowthMb.toFixed(1), rssMb: Math.round(rssMb) }));
   expect(stats.frames).toBe(HOSTILE_SOCKETS * FRAMES_PER_SOCKET);
-  expect(rssGrowthMb).toBeLessThan(200);
+  expect(heapGrowthMb).toBeLessThan(64);
 }, 60_000);
 
 test("invalid UTF-8 in a text frame is closed by Bun with 1007 and the relay lives on", async () => {
