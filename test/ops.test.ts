@@ -22,6 +22,7 @@ import { dirname, join } from "node:path";
 import fly from "../fly.toml";
 import dashboard from "../ops/grafana-dashboard.json";
 import packageJson from "../package.json";
+import { DEFAULTS, optionsFromEnv, startRelay, type Relay, type RelayOptions } from "../server.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const IN_CI = process.env.CI === "true";
@@ -70,44 +71,27 @@ const BUILD_COMMAND = "bun build server.ts --target=bun --outfile dist/server.js
 
 // ---------------------------------------------------------------- the relay
 
-type ServerModule = typeof import("../server.ts");
-let serverModule: ServerModule | undefined;
-
-async function relayModule(): Promise<ServerModule> {
-  serverModule ??= await import("../server.ts");
-  return serverModule;
-}
-
 /** Relay options from env strings, the way `bun run server.ts` builds them. */
-async function startRelayFromEnv(env: Record<string, string>) {
-  const { startRelay, optionsFromEnv } = await relayModule();
+function startRelayFromEnv(env: Record<string, string>): Relay {
   return startRelay(optionsFromEnv({ HOST: "127.0.0.1", PORT: "0", LOG_LEVEL: "silent", ...env }));
 }
 
-/** The option that optionsFromEnv fills from `envName`, found by a probe value. */
-async function optionKey(envName: string, probe: string): Promise<string> {
-  const probed = (await relayModule()).optionsFromEnv({ [envName]: probe }) as Record<string, unknown>;
+/**
+ * The option that optionsFromEnv fills from `envName`, found by a probe value,
+ * so that these checks follow the relay's own mapping instead of repeating it.
+ */
+function optionKey(envName: string, probe: string): keyof RelayOptions {
+  const probed = optionsFromEnv({ [envName]: probe }) as Record<string, unknown>;
   const key = Object.keys(probed).find((k) => String(probed[k]) === probe);
   if (!key) throw new Error(`optionsFromEnv({ ${envName}: "${probe}" }) sets no option to ${probe}`);
-  return key;
+  return key as keyof RelayOptions;
 }
 
-/**
- * The value an option takes when its env variable is unset, found without
- * knowing the option's name: the key that optionsFromEnv fills from a probe
- * value is the option; its default comes from the module's `DEFAULTS` export
- * (or from optionsFromEnv({}) if that returns full defaults).
- */
-async function defaultOf(envName: string, probe: string): Promise<number> {
-  const key = await optionKey(envName, probe);
-  const server = (await relayModule()) as ServerModule & { DEFAULTS?: Record<string, unknown> };
-  const defaults = server.DEFAULTS ?? (server.optionsFromEnv({}) as Record<string, unknown>);
-  const value = defaults[key];
-  if (typeof value !== "number") {
-    throw new Error(
-      `no default for option "${key}" (${envName}): server.ts should export DEFAULTS, the full default RelayOptions`,
-    );
-  }
+/** The value an option takes when its env variable is unset. */
+function defaultOf(envName: string, probe: string): number {
+  const key = optionKey(envName, probe);
+  const value = DEFAULTS[key];
+  if (typeof value !== "number") throw new Error(`DEFAULTS.${key} (${envName}) is not a number`);
   return value;
 }
 
@@ -530,32 +514,31 @@ describe("Dockerfile", () => {
 // ================================================================== (a)
 
 describe("fly.toml is true to the relay", () => {
-  let relay: Awaited<ReturnType<typeof startRelayFromEnv>>;
+  let relay: Relay;
 
-  beforeAll(async () => {
-    relay = await startRelayFromEnv({});
+  beforeAll(() => {
+    relay = startRelayFromEnv({});
   });
   afterAll(async () => {
     await relay?.stop();
   });
 
-  test("internal_port and the metrics port are the port the relay listens on by default and under fly's [env]", async () => {
+  test("internal_port and the metrics port are the port the relay listens on by default and under fly's [env]", () => {
     const port = fly.http_service.internal_port;
-    expect(await defaultOf("PORT", "4321")).toBe(port);
-    const { optionsFromEnv } = await relayModule();
+    expect(defaultOf("PORT", "4321")).toBe(port);
     const underFly = optionsFromEnv({ ...dockerEnv(runtimeStage()), ...fly.env }) as Record<string, unknown>;
-    expect(underFly[await optionKey("PORT", "4321")]).toBe(port);
+    expect(underFly[optionKey("PORT", "4321")]).toBe(port);
     const metrics = [fly.metrics].flat();
     expect(metrics.length).toBeGreaterThan(0);
     for (const m of metrics) expect(m.port).toBe(port);
   });
 
-  test("kill_signal drains, and kill_timeout covers the drain bound within Fly's 300 s maximum", async () => {
+  test("kill_signal drains, and kill_timeout covers the drain bound within Fly's 300 s maximum", () => {
     expect(fly.kill_signal).toBe("SIGTERM");
     const killTimeoutS = seconds(fly.kill_timeout);
     expect(killTimeoutS).toBeLessThanOrEqual(300);
     const env = fly.env as Record<string, string>;
-    const drainMs = env.DRAIN_TIMEOUT_MS ? Number(env.DRAIN_TIMEOUT_MS) : await defaultOf("DRAIN_TIMEOUT_MS", "123457");
+    const drainMs = env.DRAIN_TIMEOUT_MS ? Number(env.DRAIN_TIMEOUT_MS) : defaultOf("DRAIN_TIMEOUT_MS", "123457");
     expect(drainMs).toBeGreaterThan(0);
     // 5 s beyond the drain bound for the forced 1001 closes to flush and the process to exit.
     expect(killTimeoutS * 1000).toBeGreaterThanOrEqual(drainMs + 5000);
@@ -596,12 +579,12 @@ describe("fly.toml is true to the relay", () => {
 // ============================================================== (b) (c)
 
 describe("metrics after real traffic", () => {
-  let relay: Awaited<ReturnType<typeof startRelayFromEnv>>;
+  let relay: Relay;
   let scrape = "";
   let replayAnswer: { status: number; flyReplay: string | null } | undefined;
 
   beforeAll(async () => {
-    relay = await startRelayFromEnv({
+    relay = startRelayFromEnv({
       REGION: "ams",
       INSTANCE_ID: "ops-metrics",
       RATE_LIMIT_PER_SEC: "5",
@@ -773,7 +756,7 @@ describe("the Docker build, without Docker", () => {
 
 describe("TLS (TLS_CERT_FILE / TLS_KEY_FILE)", () => {
   const openssl = Bun.which("openssl");
-  let relay: Awaited<ReturnType<typeof startRelayFromEnv>> | undefined;
+  let relay: Relay | undefined;
   let certPem = "";
 
   beforeAll(async () => {
@@ -789,7 +772,7 @@ describe("TLS (TLS_CERT_FILE / TLS_KEY_FILE)", () => {
     );
     if (gen.exitCode !== 0) throw new Error(`openssl failed: ${gen.stderr}`);
     certPem = await Bun.file(join(dir, "cert.pem")).text();
-    relay = await startRelayFromEnv({ TLS_CERT_FILE: join(dir, "cert.pem"), TLS_KEY_FILE: join(dir, "key.pem") });
+    relay = startRelayFromEnv({ TLS_CERT_FILE: join(dir, "cert.pem"), TLS_KEY_FILE: join(dir, "key.pem") });
   });
   afterAll(async () => {
     await relay?.stop();
