@@ -612,7 +612,7 @@ describe("metrics after real traffic", () => {
     expect((await guest.closed).code).toBe(4001);
     expect((await host.closed).code).toBe(4001);
     scrape = await (await fetch(`${relay.url}/metrics`)).text();
-  });
+  }, 20_000);
   afterAll(async () => {
     await relay?.stop();
   });
@@ -773,7 +773,7 @@ describe("TLS (TLS_CERT_FILE / TLS_KEY_FILE)", () => {
     if (gen.exitCode !== 0) throw new Error(`openssl failed: ${gen.stderr}`);
     certPem = await Bun.file(join(dir, "cert.pem")).text();
     relay = startRelayFromEnv({ TLS_CERT_FILE: join(dir, "cert.pem"), TLS_KEY_FILE: join(dir, "key.pem") });
-  });
+  }, 20_000);
   afterAll(async () => {
     await relay?.stop();
   });
