@@ -566,6 +566,20 @@ describe("fly.toml is true to the relay", () => {
     }
   });
 
+  test("the memory budget behind the concurrency limits fits the VM (fly.toml's sizing comment)", () => {
+    const MB = 1024 * 1024;
+    const vm = [fly.vm].flat()[0];
+    const vmBytes = Number(/^(\d+)\s*mb$/i.exec(String(vm.memory))?.[1]) * MB;
+    expect(vmBytes).toBeGreaterThan(0);
+    const env = fly.env as Record<string, string>;
+    const resumeBytes = env.RESUME_TOTAL_BYTES ? Number(env.RESUME_TOTAL_BYTES) : defaultOf("RESUME_TOTAL_BYTES", "7654321");
+    const runtime = 48 * MB; // the relay idles at ~30 MB RSS
+    const perConnection = 16 * 1024; // active-connection budget (idle measured 3-6 KB)
+    const headroom = 48 * MB; // at least this for GC and slow consumers on their way to 4002
+    const budget = runtime + resumeBytes + fly.http_service.concurrency.hard_limit * perConnection + headroom;
+    expect(budget).toBeLessThanOrEqual(vmBytes);
+  });
+
   test("service shape: connections-based limits, never auto-stopped, rolling deploy", () => {
     const service = fly.http_service;
     expect(service.concurrency.type).toBe("connections");
