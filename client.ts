@@ -633,12 +633,13 @@ export class Room extends EventTarget {
       first.resolve(this);
       return;
     }
+    // The queue goes out first, so whatever listeners send below stays behind it.
+    this.#flushQueue();
     // Peers that came or went while we were away, as if we had seen it happen.
     for (const index of previousPeers) if (!this.peers.includes(index)) this.#emit("peer_left", { index });
     for (const index of this.peers) if (!previousPeers.includes(index)) this.#emit("peer_joined", { index });
     const resumed = (msg as { resumed?: unknown }).resumed;
     this.#emit("reconnected", typeof resumed === "boolean" ? { resumed } : {});
-    this.#flushQueue();
   }
 
   /** Exactly-once with issue 9's `seq`: a frame at or below the last seen seq was delivered. */
@@ -656,7 +657,8 @@ export class Room extends EventTarget {
     if (this.#phase === "closed" || this.#phase === "leaving") return false;
     const text = JSON.stringify(frame);
     const ws = this.#ws;
-    if (this.#phase === "connected" && ws && ws.readyState === WebSocket.OPEN) {
+    // While anything is queued, new sends queue behind it: order is per sender, always.
+    if (this.#phase === "connected" && ws && ws.readyState === WebSocket.OPEN && this.#queue.length === 0) {
       ws.send(text);
       return true;
     }
@@ -687,15 +689,14 @@ export class Room extends EventTarget {
     });
   }
 
+  /** After a rejoin: everything still young enough goes out, oldest first. */
   #flushQueue(): void {
     this.#expireQueue();
-    const queue = this.#queue;
-    this.#queue = [];
-    for (const item of queue) {
+    while (this.#queue.length > 0) {
       const ws = this.#ws;
       // A listener of the `error` above may have left the room: then nothing more goes out.
-      if (this.#phase !== "connected" || !ws) break;
-      ws.send(item.frame);
+      if (this.#phase !== "connected" || !ws || ws.readyState !== WebSocket.OPEN) return;
+      ws.send(this.#queue.shift()!.frame);
     }
   }
 

@@ -453,11 +453,13 @@ describe("reconnect", () => {
     await guestEvents.next("reconnecting");
     for (let n = 1; n <= 5; n++) expect(guest.send(n)).toBe(true);
     expect(guest.queuedCount).toBe(5);
+    // A listener that sends on `reconnected` stays behind the queue.
+    guest.addEventListener("reconnected", () => guest.send("from a listener"), { once: true });
     p.refusing = false;
     await guestEvents.next("reconnected");
     expect(guest.queuedCount).toBe(0);
     guest.send("after");
-    expect(await messages(hostEvents, 6)).toEqual([1, 2, 3, 4, 5, "after"]);
+    expect(await messages(hostEvents, 7)).toEqual([1, 2, 3, 4, 5, "from a listener", "after"]);
   });
 
   test("queue bound by count: past queueMaxMessages the oldest is dropped with a queue_overflow error", async () => {
