@@ -7,6 +7,9 @@
 
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { Socket, TCPSocketListener } from "bun";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import {
   CLIENT_DEFAULTS,
   createRoom,
@@ -334,6 +337,24 @@ describe("create, join and relay", () => {
     guest.send(1);
     expect(await got).toBe(1);
     await hostEvents.next("message");
+  });
+});
+
+describe("the served /client.js", () => {
+  test("is one standalone module (no imports) that works as is", async () => {
+    const res = await fetch(`${relay.url}/client.js`);
+    expect(res.headers.get("content-type")).toStartWith("text/javascript");
+    const source = await res.text();
+    expect(source).not.toMatch(/^\s*import\b/m);
+    expect(source).not.toMatch(/\brequire\(/);
+    const dir = mkdtempSync(join(tmpdir(), "client-js-"));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const file = join(dir, "client.js");
+    await Bun.write(file, source);
+    const served = (await import(file)) as typeof import("../client.ts");
+    const host = track(await served.createRoom(relay.wsUrl, { maxClients: 2 }));
+    const guest = track(await served.joinRoom(relay.url, host.code));
+    expect(guest.index).toBe(1);
   });
 });
 
