@@ -309,7 +309,10 @@ export class Room extends EventTarget {
   #attempt = 0;
   #joinedAtMs = -1;
   #queue: Queued[] = [];
+  /** Highest `seq` delivered to the game (undefined: the relay does not number frames). */
   #lastSeq: number | undefined = undefined;
+  /** Right after a `joined` that did not resume: the `state` replay is a snapshot, whatever its seq. */
+  #snapshotNext = false;
   #lastReceivedMs = 0;
   #pingId = 0;
   #pingSentMs = 0;
@@ -568,13 +571,15 @@ export class Room extends EventTarget {
     }
     if (!msg || typeof msg !== "object") return;
     if (this.#phase === "handshake") return this.#onHandshakeFrame(msg);
+    const snapshot = this.#snapshotNext && msg.type === "state";
+    this.#snapshotNext = false;
     switch (msg.type) {
       case "message":
         if (this.#isDuplicate(msg)) return;
         this.#emit("message", withSeq({ from: msg.from, data: msg.data }, msg));
         return;
       case "state":
-        if (this.#isDuplicate(msg)) return;
+        if (!snapshot && this.#isDuplicate(msg)) return;
         this.state = msg.data;
         this.#emit("state", withSeq({ data: msg.data }, msg));
         return;
@@ -622,6 +627,8 @@ export class Room extends EventTarget {
     this.region = msg.region;
     this.url = msg.url;
     this.peers = msg.type === "joined" ? [...msg.peers].sort((a, b) => a - b) : [];
+    const resumed = msg.type === "joined" && typeof msg.resumed === "boolean" ? msg.resumed : undefined;
+    this.#trackSeq(msg, resumed);
     this.#phase = "connected";
     this.#joinedAtMs = nowMs();
     this.#startHeartbeat();
@@ -638,11 +645,26 @@ export class Room extends EventTarget {
     // Peers that came or went while we were away, as if we had seen it happen.
     for (const index of previousPeers) if (!this.peers.includes(index)) this.#emit("peer_left", { index });
     for (const index of this.peers) if (!previousPeers.includes(index)) this.#emit("peer_joined", { index });
-    const resumed = (msg as { resumed?: unknown }).resumed;
-    this.#emit("reconnected", typeof resumed === "boolean" ? { resumed } : {});
+    this.#emit("reconnected", resumed === undefined ? {} : { resumed });
   }
 
-  /** Exactly-once with issue 9's `seq`: a frame at or below the last seen seq was delivered. */
+  /**
+   * Lossless reconnect (issue 9). `resumed: true`: every missed frame follows, numbered after the
+   * last one we delivered, so `lastSeq` stands. Otherwise (a first join, or a ring that no longer
+   * reached back): we start at the room's current `seq` (a new room starts at 0), and the `state`
+   * replay that follows is a snapshot to deliver whatever its number. A relay without `seq`
+   * leaves all of this off, and rejoins carry no `resume`.
+   */
+  #trackSeq(msg: CreatedMessage | JoinedMessage, resumed: boolean | undefined): void {
+    this.#snapshotNext = false;
+    if (resumed === true) return;
+    const seq = msg.type === "created" ? 0 : (msg as { seq?: unknown }).seq;
+    if (typeof seq !== "number") return;
+    this.#lastSeq = seq;
+    this.#snapshotNext = true;
+  }
+
+  /** Exactly once with issue 9's `seq`: a frame at or below the last delivered seq was delivered. */
   #isDuplicate(msg: object): boolean {
     const seq = (msg as { seq?: unknown }).seq;
     if (typeof seq !== "number") return false;

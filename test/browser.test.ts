@@ -5,7 +5,7 @@
 //
 //   bun test test/browser.test.ts        (skips without chromium; with CI=true it fails instead)
 
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import type { Socket, TCPSocketListener } from "bun";
 import { existsSync, mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -28,6 +28,8 @@ const CHROMIUM_ARGS = [
 ];
 const haveChromium = existsSync(CHROMIUM);
 const WAIT_MS = 8000;
+// Launching Chromium and a few bounded waits of WAIT_MS must fit in one test.
+setDefaultTimeout(30_000);
 
 if (process.env.CI === "true" && !haveChromium) {
   test("chromium is installed (required when CI=true)", () => {
@@ -250,6 +252,14 @@ function socketRequests(): string[] {
   return proxy.requests.filter((line) => !line.startsWith("GET /client.js "));
 }
 
+/** Event details without the relay's `seq` (checked separately where it matters). */
+function withoutSeq<T extends object>(details: T[]): Omit<T, "seq">[] {
+  return details.map((detail) => {
+    const { seq: _seq, ...rest } = detail as T & { seq?: number };
+    return rest;
+  });
+}
+
 function roomField<T>(page: Page, field: "index" | "peers" | "state" | "status" | "code"): Promise<T> {
   return page.evaluate((field) => (window as unknown as TestWindow).room![field], field) as Promise<T>;
 }
@@ -276,17 +286,17 @@ describe.skipIf(!haveChromium)("browser client in Chromium", () => {
 
   test("broadcast and targeted round trips", async () => {
     await guest.evaluate(() => (window as unknown as TestWindow).room!.send({ tap: "A" }));
-    expect(await waitEvents(host, "message", 1)).toEqual([{ from: 1, data: { tap: "A" } }]);
+    expect(await waitEvents(host, "message", 1)).toEqual([{ from: 1, data: { tap: "A" }, seq: 1 }]);
     await host.evaluate(() => (window as unknown as TestWindow).room!.send("just you", 1));
     await host.evaluate(() => (window as unknown as TestWindow).room!.send("everyone"));
-    expect(await waitEvents(guest, "message", 2)).toEqual([
+    expect(withoutSeq(await waitEvents(guest, "message", 2))).toEqual([
       { from: 0, data: "just you" },
       { from: 0, data: "everyone" },
     ]);
     await guest.evaluate(() => (window as unknown as TestWindow).room!.send("to the host", [0]));
-    expect((await waitEvents(host, "message", 2))[1]).toEqual({ from: 1, data: "to the host" });
+    expect(withoutSeq(await waitEvents(host, "message", 2))[1]).toEqual({ from: 1, data: "to the host" });
     await host.evaluate(() => (window as unknown as TestWindow).room!.setState({ round: 1 }));
-    expect(await waitEvents(guest, "state", 1)).toEqual([{ data: { round: 1 } }]);
+    expect(withoutSeq(await waitEvents(guest, "state", 1))).toEqual([{ data: { round: 1 } }]);
   });
 
   test("a server-side cut: the guest rejoins its slot (pinned), gets the state, and its offline sends arrive once", async () => {
@@ -306,7 +316,7 @@ describe.skipIf(!haveChromium)("browser client in Chromium", () => {
     await waitEvents(guest, "reconnected", 1);
     expect(await roomField(guest, "index")).toBe(1);
     expect(socketRequests().at(-1)).toBe(`GET /${code}?instance=browser-a HTTP/1.1`);
-    expect((await waitEvents(guest, "state", 2))[1]).toEqual({ data: { round: 2 } });
+    expect(withoutSeq(await waitEvents(guest, "state", 2))[1]).toEqual({ data: { round: 2 } });
     expect(await roomField(guest, "state")).toEqual({ round: 2 });
     expect(await roomField(guest, "peers")).toEqual([0]);
     expect(await waitEvents(host, "peer_joined", 2)).toEqual([{ index: 1 }, { index: 1 }]);
@@ -314,6 +324,53 @@ describe.skipIf(!haveChromium)("browser client in Chromium", () => {
     await guest.evaluate(() => (window as unknown as TestWindow).room!.send("back online"));
     const got = await waitEvents(host, "message", 6);
     expect(got.slice(2).map((m) => m.data)).toEqual(["offline 1", "offline 2", "offline 3", "back online"]);
+  });
+
+  test("a cut while the host streams numbered messages: the guest's game sees each number once, in order", async () => {
+    const total = 60;
+    // The host streams one message every 15 ms; the guest's connection is cut part-way through
+    // (frames in flight on it die with it) and stays refused until the stream has ended.
+    const streamed = host.evaluate(
+      (total) =>
+        new Promise<void>((resolve) => {
+          const room = (window as unknown as TestWindow).room!;
+          let n = 0;
+          const timer = setInterval(() => {
+            room.send({ n: ++n });
+            if (n === total) {
+              clearInterval(timer);
+              resolve();
+            }
+          }, 15);
+        }),
+      total,
+    );
+    const numbers = () =>
+      guest.evaluate(() =>
+        (window as unknown as TestWindow).events.flatMap((e) =>
+          e.type === "message" && typeof (e.detail as { data: { n?: number } }).data?.n === "number"
+            ? [(e.detail as { data: { n: number } }).data.n]
+            : [],
+        ),
+      );
+    await guest.waitForFunction(
+      () => (window as unknown as TestWindow).events.some((e) => e.type === "message" && (e.detail as { data: { n?: number } }).data?.n === 10),
+      null,
+      { timeout: WAIT_MS },
+    );
+    const reconnectsBefore = (await eventsOf(guest, "reconnected")).length;
+    proxy.refusing = true;
+    proxy.cut();
+    await streamed;
+    proxy.refusing = false;
+    const reconnected = await waitEvents(guest, "reconnected", reconnectsBefore + 1);
+    expect(reconnected.at(-1)).toEqual({ resumed: true });
+    await guest.waitForFunction(
+      (total) => (window as unknown as TestWindow).events.some((e) => e.type === "message" && (e.detail as { data: { n?: number } }).data?.n === total),
+      total,
+      { timeout: WAIT_MS },
+    );
+    expect(await numbers()).toEqual(Array.from({ length: total }, (_, i) => i + 1));
   });
 
   test("`online` in the page skips the backoff wait", async () => {
