@@ -121,7 +121,7 @@ export interface RoomEventDetails {
   message: { from: number; data: unknown; seq?: number };
   peer_joined: { index: number };
   peer_left: { index: number };
-  /** The host's snapshot: on every `setState`, and replayed after each (re)join. */
+  /** The host's snapshot: on every `setState`, right after a join, and after a rejoin. */
   state: { data: unknown; seq?: number };
   /** A retry is scheduled in `delayMs`; `cause` says what ended the previous connection. */
   reconnecting: { attempt: number; delayMs: number; cause: string };
