@@ -614,6 +614,17 @@ describe("HTTP", () => {
     expect(redirect.headers.get("location")).toBe("https://grafana.example/d/1");
   });
 
+  test("GET / for a browser is an HTML page of counts that never shows a room code", async () => {
+    const r = relay();
+    const { code } = await createRoom(r);
+    const res = await fetch(`${r.url}/`, { headers: { Accept: "text/html,application/xhtml+xml" } });
+    expect(res.headers.get("content-type")).toContain("text/html");
+    const html = await res.text();
+    expect(html).toContain("<!doctype html>");
+    expect(html).toContain("/client.js");
+    expect(html).not.toContain(code);
+  });
+
   test("/client.js is a JavaScript module with an ETag that answers 304", async () => {
     const r = relay();
     const res = await fetch(`${r.url}/client.js`);

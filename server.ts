@@ -11,6 +11,7 @@ import type { Server, ServerWebSocket } from "bun";
 // @ts-expect-error TS1192: a text import has a default export TypeScript cannot see
 import clientSource from "./client.ts" with { type: "text" };
 import pkg from "./package.json" with { type: "json" };
+import { statusPageHtml } from "./status-page.ts";
 import {
   CLOSES,
   ERRORS,
@@ -954,6 +955,9 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   function statusSnapshot(req: Request): Response {
     if (options.dashboardUrl) return new Response(null, { status: 302, headers: { ...corsHeaders, Location: options.dashboardUrl } });
     const { rooms: roomCount, clients } = stats();
+    if (req.headers.get("accept")?.includes("text/html")) {
+      return text(statusPageHtml({ rooms: roomCount, clients, instance: instanceId, region, version: VERSION }), "text/html; charset=utf-8");
+    }
     return text(`rooms: ${roomCount}\nclients: ${clients}\n`, "text/plain; charset=utf-8");
   }
 

@@ -12,7 +12,6 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium, type Browser, type BrowserContext, type Page } from "playwright-core";
 import { startRelay, type Relay } from "../server.ts";
-import { statusPageHtml } from "../status-page.ts";
 import type { RoomEventDetails, RoomEventType } from "../client.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
@@ -174,7 +173,6 @@ beforeAll(async () => {
     fetch(req) {
       const path = new URL(req.url).pathname;
       if (path === "/test") return new Response(TEST_PAGE, { headers: { "Content-Type": "text/html; charset=utf-8" } });
-      if (path === "/status") return statusFallback();
       return new Response("not found", { status: 404 });
     },
   });
@@ -190,24 +188,6 @@ afterAll(async () => {
   await relay?.stop();
   console.log(`screenshots: ${screenshotDir}`);
 });
-
-/**
- * Until server.ts serves the HTML status page itself, the test renders statusPageHtml with the
- * relay's numbers and a <base> pointing at the relay (so /client.js and the demo's socket go there).
- */
-function statusFallback(): Response {
-  const html = statusPageHtml({ ...relay.stats(), instance: relay.instanceId, region: relay.region, version: "test" });
-  return new Response(html.replace("<head>", `<head>\n<base href="${relay.url}/">`), {
-    headers: { "Content-Type": "text/html; charset=utf-8" },
-  });
-}
-
-async function statusPageUrl(): Promise<string> {
-  const res = await fetch(relay.url + "/", { headers: { Accept: "text/html" } });
-  const html = (res.headers.get("content-type") ?? "").startsWith("text/html");
-  await res.text();
-  return html ? relay.url + "/" : `http://127.0.0.1:${pages.port}/status`;
-}
 
 async function testPage(): Promise<Page> {
   const page = await context.newPage();
@@ -414,7 +394,7 @@ describe.skipIf(!haveChromium)("browser client in Chromium", () => {
   });
 
   test("status page and demo: counts only, two tabs exchange a message (screenshots)", async () => {
-    const url = await statusPageUrl();
+    const url = relay.url + "/";
     const tv = await context.newPage();
     await tv.setViewportSize({ width: 900, height: 760 });
     await tv.goto(url);
