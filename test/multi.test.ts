@@ -9,16 +9,15 @@
 // then checks where the request ended (the relay's `instance` field or
 // X-Instance-Id) and what each machine counted in /metrics.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import type { Subprocess } from "bun";
 import { generateRoomCode, regionOfCode } from "../regions.ts";
-import { startFlyProxy, type FlyProxy, type ProxyMachine } from "./fly-proxy.ts";
-import { startTestDns, type TestDns } from "./test-dns.ts";
+import type { FlyProxy } from "./fly-proxy.ts";
+import { startCluster, type Cluster } from "./multi-cluster.ts";
+import type { TestDns } from "./test-dns.ts";
 
 const APP = "ps-multi";
 const PROBE_TIMEOUT_MS = 3000; // long, so that "a miss answers before the timeout" is measurable
 const PROBE_BUDGET_PER_SEC = 25;
 const WAIT_MS = 8000;
-const ROOT = new URL("..", import.meta.url).pathname;
 const MACHINES = [
   { id: "a1", region: "ams", host: "127.0.0.2" },
   { id: "a2", region: "ams", host: "127.0.0.3" },
@@ -28,74 +27,24 @@ const MACHINES = [
 ] as const;
 type MachineId = (typeof MACHINES)[number]["id"];
 
+let cluster: Cluster;
 let dns: TestDns;
 let proxy: FlyProxy;
 let port = 0;
-const procs = new Map<MachineId, Subprocess<"ignore", "pipe", "inherit">>();
-const stopped = new Set<MachineId>();
-
-/** Starts one relay process; resolves with its port once it logged `start`. */
-async function spawnRelay(machine: (typeof MACHINES)[number], listenPort: number): Promise<number> {
-  const proc = Bun.spawn([process.execPath, "run", "server.ts"], {
-    cwd: ROOT,
-    stdin: "ignore",
-    stdout: "pipe",
-    stderr: "inherit",
-    env: {
-      PATH: process.env.PATH ?? "",
-      PORT: String(listenPort),
-      HOST: machine.host,
-      INSTANCE_ID: machine.id,
-      REGION: machine.region,
-      FLY_APP_NAME: APP,
-      DNS_SERVER: dns.server,
-      PROBE_TIMEOUT_MS: String(PROBE_TIMEOUT_MS),
-      PROBE_BUDGET_PER_SEC: String(PROBE_BUDGET_PER_SEC),
-      LOG_LEVEL: "info",
-    },
-  });
-  procs.set(machine.id, proc);
-  const reader = proc.stdout.getReader();
-  const decoder = new TextDecoder();
-  let buffered = "";
-  const deadline = Date.now() + WAIT_MS;
-  while (Date.now() < deadline) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffered += decoder.decode(value, { stream: true });
-    for (const line of buffered.split("\n").slice(0, -1)) {
-      const entry = JSON.parse(line) as { event: string; port?: number };
-      if (entry.event === "start") {
-        // Keep draining stdout so the relay never blocks on a full pipe.
-        void (async () => {
-          while (!(await reader.read()).done);
-        })();
-        return entry.port!;
-      }
-    }
-    buffered = buffered.slice(buffered.lastIndexOf("\n") + 1);
-  }
-  throw new Error(`relay ${machine.id} did not log "start" within ${WAIT_MS} ms`);
-}
 
 beforeAll(async () => {
-  dns = await startTestDns({ ttlSeconds: 1 });
-  port = await spawnRelay(MACHINES[0], 0);
-  await Promise.all(MACHINES.slice(1).map((m) => spawnRelay(m, port)));
-  const machines: ProxyMachine[] = MACHINES.map((m) => ({ ...m, port }));
-  dns.setMachines(APP, MACHINES.map((m) => ({ id: m.id, region: m.region, addresses: [m.host] })));
-  proxy = await startFlyProxy({ machines, edgeRegion: "ams", connectTimeoutMs: 2000 });
+  cluster = await startCluster({
+    app: APP,
+    machines: [...MACHINES],
+    edgeRegion: "ams",
+    env: { PROBE_TIMEOUT_MS: String(PROBE_TIMEOUT_MS), PROBE_BUDGET_PER_SEC: String(PROBE_BUDGET_PER_SEC) },
+  });
+  ({ dns, proxy, port } = cluster);
 }, 30_000);
 
-afterAll(async () => {
-  for (const [id, proc] of procs) {
-    if (stopped.has(id)) proc.kill("SIGCONT");
-    proc.kill("SIGKILL");
-  }
-  await Promise.all([...procs.values()].map((p) => p.exited));
-  await proxy?.stop();
-  await dns?.stop();
-});
+afterAll(() => cluster?.stop());
+
+const proc = (id: MachineId) => cluster.procs.get(id)!;
 
 // ------------------------------------------------------------------ helpers
 
@@ -321,8 +270,7 @@ describe("probing the region", () => {
 
 describe("failures", () => {
   test("a frozen machine (SIGSTOP) costs a miss at most the probe timeout, not a hang", async () => {
-    procs.get("a3")!.kill("SIGSTOP");
-    stopped.add("a3");
+    proc("a3").kill("SIGSTOP");
     try {
       const { code } = await createRoomOn("a2");
       // A hit on a live peer does not wait for the frozen one.
@@ -338,15 +286,14 @@ describe("failures", () => {
       expect(waitedMs).toBeLessThan(PROBE_TIMEOUT_MS + 1500);
       expect(await counter("a1", "party_sockets_probes_total", 'result="timeout"')).toBe(timeouts + 1);
     } finally {
-      procs.get("a3")!.kill("SIGCONT");
-      stopped.delete("a3");
+      proc("a3").kill("SIGCONT");
     }
   }, 15_000);
 
   test("a stopped machine still listed in DNS is skipped fast; pins to it fall back", async () => {
     const { code } = await createRoomOn("a3");
-    procs.get("a3")!.kill("SIGKILL");
-    await procs.get("a3")!.exited;
+    proc("a3").kill("SIGKILL");
+    await proc("a3").exited;
     proxy.setStopped("a3", true);
     const errors = await counter("a1", "party_sockets_probes_total", 'result="error"');
     const t0 = performance.now();
