@@ -10,6 +10,7 @@ import type { Server, ServerWebSocket } from "bun";
 // /client.js needs no file on disk; TypeScript only knows the module reading.
 // @ts-expect-error TS1192: a text import has a default export TypeScript cannot see
 import clientSource from "./client.ts" with { type: "text" };
+import { Resolver } from "node:dns/promises";
 import pkg from "./package.json" with { type: "json" };
 import { statusPageHtml } from "./status-page.ts";
 import {
@@ -23,6 +24,7 @@ import {
   type PingMessage,
   type SendMessage,
 } from "./protocol.ts";
+import { decodeRoomCode, generateRoomCode, regionOfCode } from "./regions.ts";
 
 const VERSION: string = pkg.version;
 
@@ -30,7 +32,7 @@ const VERSION: string = pkg.version;
 
 export type LogLevel = "debug" | "info" | "warn" | "error" | "silent";
 
-export interface RelayOptions {
+export interface RelayOptions extends RoutingOptions {
   /** TCP port; 0 picks a free one. */
   port: number;
   /** "::" listens on IPv4 and IPv6 (Fly's private network is IPv6-only). */
@@ -101,6 +103,7 @@ export const DEFAULTS: Readonly<RelayOptions> = Object.freeze({
   resumeRoomFrames: 4096,
   resumeRoomBytes: 512 * 1024,
   resumeTotalBytes: 64 * 1024 * 1024,
+  ...routingDefaults(),
 });
 
 /** Env names for the numeric options; the README's table follows this list. */
@@ -161,6 +164,7 @@ export function optionsFromEnv(env: Record<string, string | undefined> = process
     if (!certFile || !keyFile) throw new Error("TLS_CERT_FILE and TLS_KEY_FILE must be set together");
     options.tls = { certFile, keyFile };
   }
+  Object.assign(options, routingOptionsFromEnv(env));
   return options;
 }
 
@@ -342,19 +346,6 @@ interface RingEntry {
   atMs: number;
 }
 
-const BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
-const ROOM_CODE_CHARS = 6;
-
-/** A random 6-char base58 code from a cryptographic source. */
-function randomRoomCode(): string {
-  const bytes = crypto.getRandomValues(new Uint8Array(ROOM_CODE_CHARS));
-  let code = "";
-  // 256 % 58 leaves a slight bias toward the first 24 characters; irrelevant
-  // for guessability at 35 bits, and retried on collision anyway.
-  for (const b of bytes) code += BASE58[b % 58];
-  return code;
-}
-
 // ==================================================================== logging
 
 type Logger = Record<Exclude<LogLevel, "silent">, (event: string, fields?: Record<string, unknown>) => void>;
@@ -413,6 +404,340 @@ function originTotals(counters: Counters, origin: string): OriginTotals {
 
 const escapeLabel = (v: string) => v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
 
+// ==================================================================== routing
+//
+// SPEC §5: many machines, many regions. Fly's proxy moves every request; the
+// relay only answers with `fly-replay` (409) when a request belongs elsewhere:
+//   1. `?instance=<id>` of another machine  → `instance=<id>;timeout=5s;fallback=force_self`
+//      (the fallback returns the request here: HTTP gets a 302 without the
+//      hint, a WebSocket upgrade is served here)
+//   2. a room code of another known region → `region=<r>;timeout=5s;fallback=force_self`
+//   3. a code of this region, not local     → probe this region's peers, then
+//      `instance=<owner>;…` on a hit, or serve locally on a miss
+// Routing is active only on Fly (flyAppName set); a lone relay serves everything.
+//
+// Probe discipline (the expensive part, bounded on purpose):
+// - a probe is `GET http://<id>.vm.<app>.internal:<port>/room/<code>` carrying
+//   PROBE_HEADER; a request with that header is answered from local state only,
+//   so a probe never triggers probes (no N² fan-out);
+// - one round per code at a time (concurrent lookups share it), at most
+//   probeConcurrency peers in flight per round, the whole round (DNS included)
+//   bounded by probeTimeoutMs; the first hit aborts the rest and a miss answers
+//   as soon as every peer has said no;
+// - results are cached briefly (misses probeMissCacheMs, hits probeHitCacheMs)
+//   in a size-capped map, and a per-process token bucket (probeBudgetPerSec
+//   peer requests) caps what random-code floods can send to the region: past
+//   it a lookup is answered as a miss without probing.
+// - a request that Fly already replayed to us from this region (fly-replay-src
+//   with our region) or that fell back (fly-replay-failed) is never probed for.
+
+export interface RoutingOptions {
+  /** `host:port` of the DNS server for `.internal` names; "" uses the system resolver (Fly's fdaa::3). */
+  dnsServer: string;
+  /** Bound on one probe round, DNS included. */
+  probeTimeoutMs: number;
+  /** Peers probed at once within a round. */
+  probeConcurrency: number;
+  /** Peer requests this process may send per second (token bucket, burst = 2 s worth). */
+  probeBudgetPerSec: number;
+  /** How long "no peer has this code" is remembered. */
+  probeMissCacheMs: number;
+  /** How long "this peer has this code" is remembered. */
+  probeHitCacheMs: number;
+}
+
+/** A function, not a const, so that DEFAULTS (above, in the options section) can spread it. */
+function routingDefaults(): RoutingOptions {
+  return {
+    dnsServer: "",
+    // In-region 6PN round trips are a few ms; a peer silent for 1 s is treated as a miss.
+    probeTimeoutMs: 1000,
+    probeConcurrency: 8,
+    probeBudgetPerSec: 200,
+    // Short: a code typed wrong is retried within seconds, a new room's code is never in it.
+    probeMissCacheMs: 2000,
+    probeHitCacheMs: 10_000,
+  };
+}
+
+const ROUTING_NUMERIC_ENV = {
+  PROBE_TIMEOUT_MS: "probeTimeoutMs",
+  PROBE_CONCURRENCY: "probeConcurrency",
+  PROBE_BUDGET_PER_SEC: "probeBudgetPerSec",
+  PROBE_MISS_CACHE_MS: "probeMissCacheMs",
+  PROBE_HIT_CACHE_MS: "probeHitCacheMs",
+} as const satisfies Record<string, keyof RoutingOptions>;
+
+/** DNS_SERVER and the PROBE_* variables. */
+function routingOptionsFromEnv(env: Record<string, string | undefined>): Partial<RoutingOptions> {
+  const options: Partial<RoutingOptions> = {};
+  for (const [name, key] of Object.entries(ROUTING_NUMERIC_ENV)) {
+    const raw = env[name];
+    if (raw === undefined || raw === "") continue;
+    const value = Number(raw);
+    if (!Number.isFinite(value) || value < 0) throw new Error(`${name} must be a non-negative number, got "${raw}"`);
+    options[key] = value;
+  }
+  if (env.DNS_SERVER) options.dnsServer = env.DNS_SERVER;
+  return options;
+}
+
+/** Marks a peer's probe: answered from local state only, never probed further. */
+export const PROBE_HEADER = "x-party-sockets-probe";
+const REPLAY_TIMEOUT = "timeout=5s;fallback=force_self";
+const NEVER_ROOM_PATHS = new Set(["/health", "/metrics", "/client.js"]);
+/** Fly machine ids are 14 hex digits; ours default to 8. Anything else is no hint. */
+const INSTANCE_ID_PATTERN = /^[A-Za-z0-9_-]{1,64}$/;
+const PROBE_CACHE_MAX_ENTRIES = 10_000;
+/** `vms.<app>.internal` is re-read at most this often (Fly answers it with a 5 s TTL). */
+const PEER_LIST_CACHE_MS = 5000;
+const PROBE_FAILED_LOG_EVERY_MS = 10_000;
+
+type ProbeResult = "hit" | "miss" | "error" | "timeout" | "aborted" | "skipped";
+type ReplayKind = "instance" | "region";
+
+interface RoutingContext {
+  options: RoutingOptions;
+  flyAppName: string;
+  instanceId: string;
+  region: string;
+  /** The port peers listen on: ours (every machine runs the same config). */
+  port: () => number;
+  hasRoom: (code: string) => boolean;
+  log: Logger;
+}
+
+interface Peer {
+  id: string;
+  region: string;
+}
+
+/** The room code a path names: `/<code>` or `/room/<code>`, well-formed only. */
+function codeFromPath(pathname: string): string | null {
+  const raw = pathname.startsWith("/room/") ? pathname.slice(6) : pathname.slice(1);
+  return raw.length === 6 && decodeRoomCode(raw) !== null ? raw : null;
+}
+
+/** `instance=…;region=…;t=…` → its fields. */
+function parseReplaySrc(header: string): Record<string, string> {
+  const fields: Record<string, string> = {};
+  for (const part of header.split(";")) {
+    const eq = part.indexOf("=");
+    if (eq > 0) fields[part.slice(0, eq).trim()] = part.slice(eq + 1).trim();
+  }
+  return fields;
+}
+
+/** `vms.<app>.internal` TXT → peers. Bun returns each TXT character-string as its own entry, so all are joined. */
+function parsePeerList(records: string[][]): Peer[] {
+  return records
+    .flat()
+    .join("")
+    .split(",")
+    .map((entry) => entry.trim().split(/\s+/))
+    .filter((parts): parts is [string, string] => parts.length === 2 && INSTANCE_ID_PATTERN.test(parts[0]!))
+    .map(([id, region]) => ({ id, region: region.toLowerCase() }));
+}
+
+function createRouter(ctx: RoutingContext) {
+  const { options, instanceId } = ctx;
+  const region = ctx.region.toLowerCase();
+  const probes = new Map<ProbeResult, number>(["hit", "miss", "error", "timeout", "aborted", "skipped"].map((r) => [r as ProbeResult, 0]));
+  const answered = new Map<"hit" | "miss", number>([["hit", 0], ["miss", 0]]);
+  const replays = new Map<ReplayKind, number>([["instance", 0], ["region", 0]]);
+  const resolver = new Resolver({ timeout: Math.max(100, Math.floor(options.probeTimeoutMs / 2)), tries: 1 });
+  if (options.dnsServer) resolver.setServers([options.dnsServer]);
+
+  const cache = new Map<string, { owner: string | null; untilMs: number }>();
+  const inflight = new Map<string, Promise<string | null>>();
+  let peerList: { peers: Peer[]; untilMs: number } | undefined;
+  let peerListLookup: Promise<Peer[]> | undefined;
+  const addresses = new Map<string, { address: string; untilMs: number }>();
+  const burst = options.probeBudgetPerSec * 2;
+  let tokens = burst;
+  let tokensAtMs = Date.now();
+  const lastFailureLogMs = new Map<string, number>();
+
+  const replay = (value: string, kind: ReplayKind): Response => {
+    bump(replays, kind);
+    return new Response("replaying\n", {
+      status: 409,
+      headers: { "Access-Control-Allow-Origin": "*", "fly-replay": value, "Content-Type": "text/plain" },
+    });
+  };
+
+  function probeFailed(peer: string, reason: string): void {
+    const nowMs = Date.now();
+    if (nowMs - (lastFailureLogMs.get(peer) ?? 0) < PROBE_FAILED_LOG_EVERY_MS) return;
+    lastFailureLogMs.set(peer, nowMs);
+    ctx.log.warn("probe_failed", { peer, reason });
+  }
+
+  function takeBudget(n: number): boolean {
+    const nowMs = Date.now();
+    tokens = Math.min(burst, tokens + ((nowMs - tokensAtMs) / 1000) * options.probeBudgetPerSec);
+    tokensAtMs = nowMs;
+    if (tokens < n) return false;
+    tokens -= n;
+    return true;
+  }
+
+  function remember(code: string, owner: string | null): void {
+    if (cache.size >= PROBE_CACHE_MAX_ENTRIES) cache.delete(cache.keys().next().value!);
+    cache.set(code, { owner, untilMs: Date.now() + (owner ? options.probeHitCacheMs : options.probeMissCacheMs) });
+  }
+
+  /** This region's other machines, from `vms.<app>.internal`. */
+  function regionPeers(): Promise<Peer[]> {
+    if (peerList && peerList.untilMs > Date.now()) return Promise.resolve(peerList.peers);
+    peerListLookup ??= resolver
+      .resolveTxt(`vms.${ctx.flyAppName}.internal`)
+      .then(parsePeerList, (err: NodeJS.ErrnoException) => {
+        probeFailed("dns", `vms lookup: ${err.code ?? err.message}`);
+        return [] as Peer[];
+      })
+      .then((all) => {
+        const peers = all.filter((p) => p.region === region && p.id !== instanceId);
+        peerList = { peers, untilMs: Date.now() + PEER_LIST_CACHE_MS };
+        return peers;
+      })
+      .finally(() => (peerListLookup = undefined));
+    return peerListLookup;
+  }
+
+  /** `<id>.vm.<app>.internal`: IPv6 on Fly's 6PN, IPv4 where only that exists (tests). */
+  async function addressOf(id: string): Promise<string> {
+    const known = addresses.get(id);
+    if (known && known.untilMs > Date.now()) return known.address;
+    const name = `${id}.vm.${ctx.flyAppName}.internal`;
+    const [v6, v4] = await Promise.allSettled([resolver.resolve6(name), resolver.resolve4(name)]);
+    const address = (v6.status === "fulfilled" && v6.value[0] ? `[${v6.value[0]}]` : undefined) ?? (v4.status === "fulfilled" ? v4.value[0] : undefined);
+    if (!address) throw new Error(`no address for ${name}`);
+    if (addresses.size >= PROBE_CACHE_MAX_ENTRIES) addresses.clear();
+    addresses.set(id, { address, untilMs: Date.now() + PEER_LIST_CACHE_MS });
+    return address;
+  }
+
+  async function probeOne(peer: Peer, code: string, round: AbortSignal, won: AbortSignal): Promise<boolean> {
+    let result: ProbeResult;
+    try {
+      const address = await addressOf(peer.id);
+      const res = await fetch(`http://${address}:${ctx.port()}/room/${code}`, {
+        headers: { [PROBE_HEADER]: instanceId },
+        signal: round,
+      });
+      await res.body?.cancel();
+      result = res.status === 200 ? "hit" : res.status === 404 ? "miss" : "error";
+      if (result === "error") probeFailed(peer.id, `status ${res.status}`);
+    } catch (err) {
+      result = won.aborted ? "aborted" : round.aborted ? "timeout" : "error";
+      if (result !== "aborted") probeFailed(peer.id, result === "timeout" ? "timeout" : String((err as Error).message ?? err));
+    }
+    bump(probes, result);
+    return result === "hit";
+  }
+
+  /** One bounded round over this region's peers: the first owner found, or null. */
+  async function probeRound(code: string): Promise<string | null> {
+    const round = new AbortController();
+    const won = new AbortController();
+    const timer = setTimeout(() => round.abort(), options.probeTimeoutMs);
+    try {
+      const peers = await Promise.race([
+        regionPeers(),
+        new Promise<Peer[]>((resolve) => round.signal.addEventListener("abort", () => resolve([]))),
+      ]);
+      if (peers.length === 0 || round.signal.aborted) return null;
+      if (!takeBudget(peers.length)) {
+        bump(probes, "skipped", peers.length);
+        return null;
+      }
+      let owner: string | null = null;
+      const queue = [...peers];
+      const worker = async () => {
+        for (let peer = queue.shift(); peer && !owner && !round.signal.aborted; peer = queue.shift()) {
+          if (await probeOne(peer, code, round.signal, won.signal)) {
+            owner ??= peer.id;
+            won.abort();
+            round.abort(); // the rest are cancelled
+          }
+        }
+      };
+      const workers = Promise.all(Array.from({ length: Math.min(options.probeConcurrency, peers.length) }, worker));
+      // The answer never waits past the round's end, even for a peer whose DNS lookup hangs.
+      await Promise.race([workers, new Promise((resolve) => round.signal.addEventListener("abort", resolve))]);
+      // Peers never asked because the round ended count as aborted (after a hit) or timed out.
+      const unasked = queue.splice(0);
+      if (unasked.length > 0) bump(probes, owner ? "aborted" : "timeout", unasked.length);
+      return owner;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Which same-region peer holds `code`, probing at most once at a time per code. */
+  function findOwner(code: string): Promise<string | null> {
+    const cached = cache.get(code);
+    if (cached && cached.untilMs > Date.now()) return Promise.resolve(cached.owner);
+    let pending = inflight.get(code);
+    if (!pending) {
+      pending = probeRound(code)
+        .then((owner) => {
+          remember(code, owner);
+          return owner;
+        })
+        .finally(() => inflight.delete(code));
+      inflight.set(code, pending);
+    }
+    return pending;
+  }
+
+  /**
+   * Where a request goes: null to serve it here, or the answer to send (a 409
+   * replay or a 302). Synchronous unless peers must be probed.
+   */
+  function route(req: Request, url: URL): Response | null | Promise<Response | null> {
+    if (!ctx.flyAppName || NEVER_ROOM_PATHS.has(url.pathname)) return null;
+    if (req.headers.has(PROBE_HEADER)) {
+      // A peer's probe: local state only, never probe again.
+      const code = codeFromPath(url.pathname);
+      if (code && url.pathname.startsWith("/room/")) bump(answered, ctx.hasRoom(code) ? "hit" : "miss");
+      return null;
+    }
+    const src = req.headers.get("fly-replay-src");
+    const fellBack = req.headers.has("fly-replay-failed") || (src !== null && parseReplaySrc(src).instance === instanceId);
+    const replayed = src !== null || fellBack;
+
+    const pinned = url.searchParams.get("instance");
+    if (pinned !== null && INSTANCE_ID_PATTERN.test(pinned)) {
+      if (pinned === instanceId) return null;
+      if (!replayed) return replay(`instance=${pinned};${REPLAY_TIMEOUT}`, "instance");
+      // We are the fallback: the pinned machine is gone.
+      if (req.headers.get("upgrade")?.toLowerCase() === "websocket") return null;
+      const params = new URLSearchParams(url.search);
+      params.delete("instance");
+      const query = params.toString();
+      return new Response(null, {
+        status: 302,
+        headers: { "Access-Control-Allow-Origin": "*", Location: url.pathname + (query ? `?${query}` : "") },
+      });
+    }
+
+    const code = codeFromPath(url.pathname);
+    if (!code || ctx.hasRoom(code)) return null;
+    const home = regionOfCode(code);
+    if (home !== null && home !== region) {
+      return replayed ? null : replay(`region=${home};${REPLAY_TIMEOUT}`, "region");
+    }
+    // A same-region replay or a fallback already went through a probe: serve here.
+    if (fellBack || (src !== null && (parseReplaySrc(src).region ?? "").toLowerCase() === region)) return null;
+    return findOwner(code).then((owner) => (owner ? replay(`instance=${owner};${REPLAY_TIMEOUT}`, "instance") : null));
+  }
+
+  return { route, probes, answered, replays };
+}
+type Router = ReturnType<typeof createRouter>;
+
 // ==================================================================== factory
 
 export interface Relay {
@@ -438,6 +763,15 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   const log = makeLogger(options.logLevel, options.logSink);
   const counters = makeCounters();
   const startedAtMs = Date.now();
+  const router = createRouter({
+    options,
+    flyAppName: options.flyAppName,
+    instanceId,
+    region,
+    port: () => server.port ?? options.port,
+    hasRoom: (code) => rooms.has(code),
+    log,
+  });
 
   const rooms = new Map<string, Room>();
   const conns = new Set<Socket>();
@@ -499,10 +833,9 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       .replaceAll("{instance}", encodeURIComponent(instanceId));
   }
 
+  /** The region's index rides in the code's top bits (regions.ts), so any machine can route it. */
   function newRoomCode(): string {
-    let code = randomRoomCode();
-    while (rooms.has(code)) code = randomRoomCode();
-    return code;
+    return generateRoomCode(region, (code) => rooms.has(code));
   }
 
   function seat(ws: Socket, room: Room, member: Member): void {
@@ -993,8 +1326,15 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     return text("Expected a WebSocket upgrade\n", "text/plain", 400);
   }
 
-  function fetch(req: Request, srv: Server<Conn>): Response | undefined {
+  /** Routing first (SPEC §5: maybe a fly-replay elsewhere), then this machine's own answer. */
+  function fetch(req: Request, srv: Server<Conn>): Response | undefined | Promise<Response | undefined> {
     const url = new URL(req.url);
+    const routed = router.route(req, url);
+    if (routed instanceof Promise) return routed.then((answer) => answer ?? serveHere(req, url, srv));
+    return routed ?? serveHere(req, url, srv);
+  }
+
+  function serveHere(req: Request, url: URL, srv: Server<Conn>): Response | undefined {
     if (req.headers.get("upgrade")?.toLowerCase() === "websocket") return upgrade(req, srv);
     const route = routes[url.pathname];
     if (route) return route(req);
@@ -1052,6 +1392,9 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     family("party_sockets_rate_limited_frames_total", "counter", "Frames dropped by the rate limit", one(counters.rateLimitedFrames));
     family("party_sockets_errors_total", "counter", "Error frames sent, by code", byLabel("code", counters.errors));
     family("party_sockets_closes_total", "counter", "Closes the relay initiated, by close code", byLabel("code", counters.closes));
+    family("party_sockets_probes_total", "counter", "Probes this machine sent to same-region peers, by result", byLabel("result", router.probes));
+    family("party_sockets_probes_answered_total", "counter", "Peer probes this machine answered from local state", byLabel("result", router.answered));
+    family("party_sockets_replays_total", "counter", "fly-replay answers sent, by kind", byLabel("kind", router.replays));
     family("party_sockets_resumes_total", "counter", "Joins with resume, by result", [
       [`,result="resumed"`, counters.resumes.get("resumed") ?? 0],
       [`,result="too_old"`, counters.resumes.get("too_old") ?? 0],
