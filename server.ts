@@ -176,11 +176,18 @@ interface Rejection {
   message?: string;
 }
 
+/** A `send` as the hot path wants it: `data` already as JSON text, ready to splice into `message`. */
+interface ValidSend {
+  type: "send";
+  to: SendMessage["to"];
+  dataJson: string | undefined;
+}
+
 /** What validation hands the handlers: a typed message, plus work already done. */
 type Valid =
   | (CreateMessage & { url?: string })
   | JoinMessage
-  | (SendMessage & { dataJson: string | undefined })
+  | ValidSend
   | { type: "set_state"; stateJson: string }
   | { type: "close_room" }
   | { type: "leave" }
@@ -219,12 +226,56 @@ function checkUrlTemplate(v: unknown): Rejection | undefined {
   }
 }
 
+const SEND_PREFIX = '{"type":"send",';
+const DATA_KEY = '"data":';
+const TO_KEY = '"to":';
+const CLOSE_BRACE = 125;
+const COMMA = 44;
+
+/**
+ * The hot path's shortcut for the two shapes clients send all the time,
+ * `{"type":"send","data":X}` and `{"type":"send","to":N,"data":X}`: the `data`
+ * text X is taken as written instead of parsed and serialised again. It is
+ * safe because X itself must pass JSON.parse as one complete value, so the
+ * `message` built around it is valid JSON with exactly the relay's fields (a
+ * frame like `{"type":"send","data":1,"from":7}` fails that check and goes the
+ * general way). Anything else returns undefined and takes the general path.
+ */
+function spliceSend(text: string): ValidSend | undefined {
+  if (!text.startsWith(SEND_PREFIX) || text.charCodeAt(text.length - 1) !== CLOSE_BRACE) return undefined;
+  let at = SEND_PREFIX.length;
+  let to: number | undefined;
+  if (text.startsWith(TO_KEY, at)) {
+    at += TO_KEY.length;
+    const digitsAt = at;
+    let n = 0;
+    for (let c = text.charCodeAt(at) - 48; c >= 0 && c <= 9; c = text.charCodeAt(++at) - 48) n = n * 10 + c;
+    const digits = at - digitsAt;
+    // JSON has no leading zeros: "01" must reach JSON.parse and be rejected there.
+    if (digits === 0 || digits > 9 || (digits > 1 && text.charCodeAt(digitsAt) === 48) || text.charCodeAt(at) !== COMMA) {
+      return undefined;
+    }
+    to = n;
+    at++;
+  }
+  if (!text.startsWith(DATA_KEY, at)) return undefined;
+  const dataJson = text.slice(at + DATA_KEY.length, -1);
+  try {
+    JSON.parse(dataJson);
+  } catch {
+    return undefined;
+  }
+  return { type: "send", to, dataJson };
+}
+
 /**
  * The one validation step: a raw text frame becomes a typed message or a
  * rejection. Handlers never see anything else, so no client input can throw
  * out of them.
  */
 function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
+  const fast = spliceSend(text);
+  if (fast) return fast;
   let msg: unknown;
   try {
     msg = JSON.parse(text);
@@ -238,7 +289,7 @@ function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
       if (to !== undefined && !isSlot(to) && !(Array.isArray(to) && to.length > 0 && to.every(isSlot))) {
         return rejection("target_not_found", "to must be a slot index or a non-empty array of them");
       }
-      return { type: "send", to, data, dataJson: data === undefined ? undefined : JSON.stringify(data) };
+      return { type: "send", to, dataJson: data === undefined ? undefined : JSON.stringify(data) };
     }
     case "create": {
       const bad = checkClientId(msg.clientId);
@@ -328,22 +379,153 @@ interface Room {
   stateFrame?: string;
   /** Last sequence number given to a relayed frame. */
   seq: number;
-  /** Recent relayed frames for `resume`, oldest first from `ringHead`. */
-  ring: RingEntry[];
-  ringHead: number;
-  ringBytes: number;
+  /** Recent relayed frames, for `join` with `resume`. */
+  ring: FrameRing;
   hostGraceTimer?: Timer;
   closed: boolean;
 }
 
-/** A relayed frame kept for lossless reconnect, with whom it was addressed to. */
-interface RingEntry {
-  seq: number;
-  frame: string;
-  from: number;
-  /** undefined: everyone but `from`; else the slot or slots it was delivered to. */
-  to: number | number[] | undefined;
-  atMs: number;
+/** Whom a relayed frame was addressed to: everyone but its sender, one slot, or a list of slots. */
+type Recipients = undefined | number | number[];
+
+const RING_MIN_BYTES = 16 * 1024;
+const RING_MIN_FRAMES = 256;
+
+/**
+ * A room's recently relayed frames, kept for `join` with `resume`. Frames stay
+ * for seconds: long enough that, kept as strings, the garbage collector would
+ * promote them and pay for full collections at message rate (measured: about a
+ * third of the relay's CPU in a busy room). So each frame is copied as UTF-8
+ * into one circular byte buffer indexed by typed arrays: no object per frame.
+ * Both grow on demand up to the room's bounds and are freed when emptied.
+ */
+class FrameRing {
+  private bytes = Buffer.alloc(0);
+  private seqs = new Float64Array(0);
+  private atMs = new Float64Array(0);
+  private offsets = new Int32Array(0);
+  private lengths = new Int32Array(0);
+  /** The sender's slot. */
+  private froms = new Int32Array(0);
+  /** -1: everyone but the sender; -2: the list in `lists`; else the one target slot. */
+  private tos = new Int32Array(0);
+  private lists = new Map<number, number[]>();
+  private head = 0;
+  private writeAt = 0;
+  count = 0;
+  /** UTF-8 bytes held. */
+  size = 0;
+
+  constructor(private readonly maxFrames: number, private readonly maxBytes: number) {}
+
+  /** The oldest seq held, if any. */
+  oldest(): number | undefined {
+    return this.count > 0 ? this.seqs[this.head] : undefined;
+  }
+
+  /** Keeps a frame, dropping the oldest as needed; a frame larger than the whole bound empties the ring. */
+  push(seq: number, frame: string, from: number, to: Recipients, atMs: number): void {
+    const length = Buffer.byteLength(frame, "utf8");
+    if (length > this.maxBytes) return this.clear();
+    while (this.count > 0 && (this.count >= this.maxFrames || this.size + length > this.maxBytes)) this.dropOldest();
+    this.reserve(length);
+    const at = this.place(length);
+    this.bytes.write(frame, at, length, "utf8");
+    const slot = (this.head + this.count) % this.seqs.length;
+    this.seqs[slot] = seq;
+    this.atMs[slot] = atMs;
+    this.offsets[slot] = at;
+    this.lengths[slot] = length;
+    this.froms[slot] = from;
+    this.tos[slot] = to === undefined ? -1 : typeof to === "number" ? to : -2;
+    if (Array.isArray(to)) this.lists.set(seq, to);
+    this.count++;
+    this.size += length;
+    this.writeAt = at + length;
+  }
+
+  /** Drops frames older than `cutoffMs`; an emptied ring gives its memory back. */
+  expire(cutoffMs: number): void {
+    while (this.count > 0 && this.atMs[this.head]! < cutoffMs) this.dropOldest();
+    if (this.count === 0 && this.bytes.length > 0) this.clear();
+  }
+
+  dropOldest(): void {
+    const h = this.head;
+    if (this.tos[h] === -2) this.lists.delete(this.seqs[h]!);
+    this.size -= this.lengths[h]!;
+    this.head = (h + 1) % this.seqs.length;
+    this.count--;
+  }
+
+  clear(): void {
+    this.bytes = Buffer.alloc(0);
+    this.seqs = new Float64Array(0);
+    this.atMs = new Float64Array(0);
+    this.offsets = new Int32Array(0);
+    this.lengths = new Int32Array(0);
+    this.froms = new Int32Array(0);
+    this.tos = new Int32Array(0);
+    this.lists.clear();
+    this.head = this.writeAt = this.count = this.size = 0;
+  }
+
+  /** Every frame after `afterSeq` addressed to `index`, oldest first. */
+  *addressedTo(index: number, afterSeq: number): Generator<string> {
+    for (let i = 0; i < this.count; i++) {
+      const slot = (this.head + i) % this.seqs.length;
+      if (this.seqs[slot]! <= afterSeq) continue;
+      const to = this.tos[slot]!;
+      const addressed =
+        to === -1 ? this.froms[slot] !== index : to === -2 ? this.lists.get(this.seqs[slot]!)!.includes(index) : to === index;
+      if (addressed) yield this.bytes.toString("utf8", this.offsets[slot]!, this.offsets[slot]! + this.lengths[slot]!);
+    }
+  }
+
+  /** Grows the buffers (doubling, up to the bounds) so a frame of `length` bytes has room. */
+  private reserve(length: number): void {
+    if (this.count === this.seqs.length) this.relayout(this.bytes.length, Math.min(this.maxFrames, Math.max(RING_MIN_FRAMES, this.seqs.length * 2)));
+    // Half the buffer free keeps wrap-around from dropping frames early, until it reaches its bound.
+    const wanted = Math.min(this.maxBytes, Math.max(RING_MIN_BYTES, 2 * (this.size + length)));
+    if (wanted > this.bytes.length) this.relayout(Math.max(wanted, Math.min(this.maxBytes, this.bytes.length * 2)), this.seqs.length);
+  }
+
+  /** Where the next `length` bytes go: after the newest frame, or wrapped to the start, dropping what is in the way. */
+  private place(length: number): number {
+    let at = this.writeAt + length <= this.bytes.length ? this.writeAt : 0;
+    while (this.count > 0) {
+      const start = this.offsets[this.head]!;
+      const overlaps = start < at + length && at < start + this.lengths[this.head]!;
+      if (!overlaps) break;
+      this.dropOldest();
+      if (this.count === 0) at = 0;
+    }
+    return at;
+  }
+
+  /** Copies the live frames, oldest first, into buffers of the given capacities. */
+  private relayout(byteCapacity: number, frameCapacity: number): void {
+    const bytes = Buffer.allocUnsafe(byteCapacity);
+    const seqs = new Float64Array(frameCapacity);
+    const atMs = new Float64Array(frameCapacity);
+    const offsets = new Int32Array(frameCapacity);
+    const lengths = new Int32Array(frameCapacity);
+    const froms = new Int32Array(frameCapacity);
+    const tos = new Int32Array(frameCapacity);
+    let at = 0;
+    for (let i = 0; i < this.count; i++) {
+      const slot = (this.head + i) % this.seqs.length;
+      seqs[i] = this.seqs[slot]!;
+      atMs[i] = this.atMs[slot]!;
+      lengths[i] = this.lengths[slot]!;
+      froms[i] = this.froms[slot]!;
+      tos[i] = this.tos[slot]!;
+      offsets[i] = at;
+      this.bytes.copy(bytes, at, this.offsets[slot]!, this.offsets[slot]! + lengths[i]!);
+      at += lengths[i]!;
+    }
+    Object.assign(this, { bytes, seqs, atMs, offsets, lengths, froms, tos, head: 0, writeAt: at });
+  }
 }
 
 // ==================================================================== logging
@@ -884,7 +1066,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function deleteRoom(room: Room, reason: string): void {
     room.closed = true;
-    ringTotalBytes -= room.ringBytes;
+    ringTotalBytes -= room.ring.size;
     clearTimeout(room.hostGraceTimer);
     rooms.delete(room.code);
     const left = (roomsByIp.get(room.creatorIp) ?? 1) - 1;
@@ -936,9 +1118,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       present: 1,
       closed: false,
       seq: 0,
-      ring: [],
-      ringHead: 0,
-      ringBytes: 0,
+      ring: new FrameRing(options.resumeRoomFrames, options.resumeRoomBytes),
     };
     rooms.set(code, room);
     bump(roomsByIp, conn.ip);
@@ -982,7 +1162,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
    */
   function sendJoined(ws: Socket, room: Room, member: Member, resume: number | undefined, askedToResume: boolean): void {
     const after = resume === undefined ? undefined : Math.max(resume, member.sinceSeq);
-    const resumed = after !== undefined && after <= room.seq && oldestSeq(room) <= after + 1;
+    const oldest = room.ring.oldest() ?? room.seq + 1;
+    const resumed = after !== undefined && after <= room.seq && oldest <= after + 1;
     const joined = {
       type: "joined",
       room: room.code,
@@ -993,7 +1174,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       url: room.url,
       seq: room.seq,
       resumed: askedToResume ? resumed : undefined,
-      oldest: askedToResume && !resumed ? oldestSeq(room) : undefined,
+      oldest: askedToResume && !resumed ? oldest : undefined,
     };
     deliver(ws, JSON.stringify(joined));
     if (askedToResume) bump(counters.resumes, resumed ? "resumed" : "too_old");
@@ -1002,7 +1183,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   }
 
   /** The hot path: one serialisation, fanout through the room topic. */
-  function handleSend(ws: Socket, msg: SendMessage & { dataJson: string | undefined }): void {
+  function handleSend(ws: Socket, msg: ValidSend): void {
     const { room, member } = ws.data;
     if (!room || !member) return sendError(ws, "not_in_room");
     const to = msg.to;
@@ -1024,7 +1205,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   }
 
   /** Numbers a relayed frame and keeps it for `resume`. */
-  function relayFrame(room: Room, from: Member, dataJson: string | undefined, to: RingEntry["to"], nowMs: number): string {
+  function relayFrame(room: Room, from: Member, dataJson: string | undefined, to: Recipients, nowMs: number): string {
     const seq = ++room.seq;
     const frame =
       dataJson === undefined ? from.messagePrefix + seq + "}" : from.messagePrefix + seq + ',"data":' + dataJson + "}";
@@ -1066,54 +1247,30 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   let ringTotalBytes = 0;
 
-  function remember(room: Room, seq: number, frame: string, from: number, to: RingEntry["to"], atMs: number): void {
+  function remember(room: Room, seq: number, frame: string, from: number, to: Recipients, atMs: number): void {
     if (options.resumeWindowMs === 0) return;
-    room.ring.push({ seq, frame, from, to, atMs });
-    room.ringBytes += frame.length;
-    ringTotalBytes += frame.length;
-    trimRing(room, atMs);
-  }
-
-  /** Drops the oldest frames past any bound: age, count, bytes per room, bytes per process. */
-  function trimRing(room: Room, nowMs: number): void {
     const { ring } = room;
-    const oldestAllowedMs = nowMs - options.resumeWindowMs;
-    while (room.ringHead < ring.length) {
-      const entry = ring[room.ringHead]!;
-      const over =
-        entry.atMs < oldestAllowedMs ||
-        ring.length - room.ringHead > options.resumeRoomFrames ||
-        room.ringBytes > options.resumeRoomBytes ||
-        ringTotalBytes > options.resumeTotalBytes;
-      if (!over) break;
-      room.ringBytes -= entry.frame.length;
-      ringTotalBytes -= entry.frame.length;
-      ring[room.ringHead++] = undefined as unknown as RingEntry;
-    }
-    // Compact rarely, so dropping from the head stays O(1) amortised.
-    if (room.ringHead > 64 && room.ringHead * 2 > ring.length) {
-      room.ring = ring.slice(room.ringHead);
-      room.ringHead = 0;
+    const before = ring.size;
+    ring.push(seq, frame, from, to, atMs);
+    ringTotalBytes += ring.size - before;
+    // Past the process-wide cap, the room that adds a frame gives up its own oldest.
+    while (ringTotalBytes > options.resumeTotalBytes && ring.count > 1) {
+      const size = ring.size;
+      ring.dropOldest();
+      ringTotalBytes -= size - ring.size;
     }
   }
 
-  /** The oldest seq the ring can replay; one past the latest when it holds nothing. */
-  function oldestSeq(room: Room): number {
-    return room.ringHead < room.ring.length ? room.ring[room.ringHead]!.seq : room.seq + 1;
-  }
-
-  function addressedTo(entry: RingEntry, index: number): boolean {
-    const { to } = entry;
-    if (to === undefined) return entry.from !== index;
-    return typeof to === "number" ? to === index : to.includes(index);
+  function expireRing(room: Room, nowMs: number): void {
+    const before = room.ring.size;
+    room.ring.expire(nowMs - options.resumeWindowMs);
+    ringTotalBytes -= before - room.ring.size;
   }
 
   function replayMissed(ws: Socket, room: Room, index: number, after: number): void {
-    for (let i = room.ringHead; i < room.ring.length; i++) {
-      const entry = room.ring[i]!;
-      if (entry.seq <= after || !addressedTo(entry, index)) continue;
+    for (const frame of room.ring.addressedTo(index, after)) {
       counters.framesReplayed++;
-      deliver(ws, entry.frame);
+      deliver(ws, frame);
     }
   }
 
@@ -1151,7 +1308,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   function dispatch(ws: Socket, msg: Valid): void {
     switch (msg.type) {
       case "send":
-        return handleSend(ws, msg as SendMessage & { dataJson: string | undefined });
+        return handleSend(ws, msg);
       case "create":
         return handleCreate(ws, msg);
       case "join":
@@ -1240,7 +1397,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
    */
   const heartbeat = setInterval(() => {
     const nowMs = Date.now();
-    for (const room of rooms.values()) trimRing(room, nowMs);
+    for (const room of rooms.values()) expireRing(room, nowMs);
     for (const ws of conns) {
       if (ws.data.closing) continue;
       const silentMs = nowMs - ws.data.lastSeenMs;
@@ -1400,7 +1557,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       [`,result="too_old"`, counters.resumes.get("too_old") ?? 0],
     ]);
     family("party_sockets_frames_replayed_total", "counter", "Frames replayed to resuming members", one(counters.framesReplayed));
-    family("party_sockets_resume_buffer_bytes", "gauge", "Relayed frames kept for resume, in string length", one(ringTotalBytes));
+    family("party_sockets_resume_buffer_bytes", "gauge", "UTF-8 bytes of relayed frames kept for resume", one(ringTotalBytes));
     family("process_resident_memory_bytes", "gauge", "Resident set size", one(memory.rss));
     family("process_heap_used_bytes", "gauge", "JavaScript heap in use", one(memory.heapUsed));
     family("process_uptime_seconds", "gauge", "Seconds since the relay started", one((Date.now() - startedAtMs) / 1000));
