@@ -389,6 +389,8 @@ interface Room {
   ring: FrameRing;
   hostGraceTimer?: Timer;
   closed: boolean;
+  /** Bytes published to the room since its members' backlogs were last checked. */
+  uncheckedBytes: number;
 }
 
 /** Whom a relayed frame was addressed to: everyone but its sender, one slot, or a list of slots. */
@@ -971,15 +973,36 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     evict(ws, "slowConsumer");
   }
 
+  // Bun drops silently past its own backpressure limit, which sits 8 frames of
+  // MAX_MESSAGE_BYTES above ours. A room may go unchecked for half that margin.
+  const uncheckedBytesMax = 4 * options.maxMessageBytes;
+  const roomsToCheck = new Set<Room>();
+
   /**
    * `publish` reports the worst status across subscribers: -1 means someone
-   * is buffering, so only then do we look for the member past the limit.
+   * is buffering. Only then is the room's backlog checked, and under sustained
+   * load once per event-loop turn rather than once per frame (each check asks
+   * every member), unless the frames since the last check could reach Bun's
+   * limit first.
    */
   function publish(room: Room, from: Socket | null, frame: string): void {
     const status = from ? from.publish(room.topic, frame) : server.publish(room.topic, frame);
-    if (status <= 0) {
-      for (const member of room.slots) if (member.ws && member.ws !== from) closeIfBackpressured(member.ws);
-    }
+    if (status > 0) return;
+    room.uncheckedBytes += frame.length;
+    if (room.uncheckedBytes > uncheckedBytesMax) return checkBackpressure(room);
+    if (roomsToCheck.size === 0) setImmediate(checkQueuedRooms);
+    roomsToCheck.add(room);
+  }
+
+  function checkQueuedRooms(): void {
+    for (const room of roomsToCheck) checkBackpressure(room);
+    roomsToCheck.clear();
+  }
+
+  function checkBackpressure(room: Room): void {
+    room.uncheckedBytes = 0;
+    if (room.closed) return;
+    for (const member of room.slots) if (member.ws) closeIfBackpressured(member.ws);
   }
 
   function sendError(ws: Socket, code: ErrorCode, message?: string, extra?: Record<string, unknown>): void {
@@ -1103,6 +1126,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       byClientId: new Map(),
       present: 1,
       closed: false,
+      uncheckedBytes: 0,
       seq: 0,
       ring: new FrameRing(options.resumeRoomFrames, options.resumeRoomBytes),
     };
