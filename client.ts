@@ -1,0 +1,2 @@
+// The browser client (served as /client.js). Placeholder until the client lands.
+export {};

@@ -1,0 +1,958 @@
+// In-process relays built by the factory, real sockets, one describe per area
+// of SPEC.md. Test names state the rule they prove.
+
+import { afterEach, describe, expect, test } from "bun:test";
+import { CLOSES, ERRORS } from "./protocol.ts";
+import { optionsFromEnv, DEFAULTS, type RelayOptions } from "./server.ts";
+import { createRoom, joinRoom, RawClient, TestClient, testRelay, within } from "./test/helpers.ts";
+
+const BASE58_CODE = /^[1-9A-HJ-NP-Za-km-z]{6}$/;
+
+let relays: ReturnType<typeof testRelay>[] = [];
+function relay(options: Partial<RelayOptions> = {}) {
+  const r = testRelay(options);
+  relays.push(r);
+  return r;
+}
+afterEach(async () => {
+  await Promise.all(relays.map((r) => r.stop()));
+  relays = [];
+});
+
+describe("create", () => {
+  test("the creator gets a 6-char base58 code, slot 0, instance and region", async () => {
+    const r = relay({ instanceId: "m1", region: "fra" });
+    const { created } = await createRoom(r);
+    expect(created.room).toMatch(BASE58_CODE);
+    expect(created).toMatchObject({ type: "created", index: 0, instance: "m1", region: "fra" });
+  });
+
+  test("the server picks the code: a client room field is ignored", async () => {
+    const r = relay();
+    const { created } = await createRoom(r, "h", 4, { room: "ZZZZZZ" });
+    expect(created.room).not.toBe("ZZZZZZ");
+  });
+
+  test("codes are unique across many rooms", async () => {
+    const r = relay({ maxRoomsPerIp: 1000 });
+    const host = await TestClient.connect(r.wsUrl);
+    const codes = new Set<string>();
+    for (let i = 0; i < 200; i++) {
+      const c = await TestClient.connect(r.wsUrl);
+      c.send({ type: "create", clientId: `h${i}`, maxClients: 2 });
+      codes.add((await c.next("created")).room);
+    }
+    expect(codes.size).toBe(200);
+    host.close();
+  });
+
+  test("url template: placeholders filled, percent-encoded, returned in created, joined and /room", async () => {
+    const r = relay({ instanceId: "m 1" });
+    const { code, created } = await createRoom(r, "h", 4, { url: "https://game.example/play/{room}?i={instance}" });
+    const expected = `https://game.example/play/${code}?i=m%201`;
+    expect(created.url).toBe(expected);
+    const { joined } = await joinRoom(r, code);
+    expect(joined.url).toBe(expected);
+    expect((await (await fetch(`${r.url}/room/${code}`)).json()).url).toBe(expected);
+  });
+
+  test.each([
+    ["http://game.example/{room}", "url must be an absolute https URL"],
+    ["/relative/{room}", "url must be an absolute https URL"],
+    ["https://game.example/a b", "url must not contain spaces or control characters"],
+    ["https://game.example/\u0001", "url must not contain spaces or control characters"],
+    ["https://game.example/{code}", "url may only use the {room} and {instance} placeholders"],
+    ["https://game.example/" + "é".repeat(250), "url must be at most 512 bytes"],
+    [42, "url must be a string"],
+  ])("invalid_url for %p", async (url, message) => {
+    const r = relay();
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "create", clientId: "h", maxClients: 4, url });
+    expect(await c.error("invalid_url")).toMatchObject({ message });
+    expect(r.stats().rooms).toBe(0);
+  });
+
+  test("a url of exactly 512 UTF-8 bytes is accepted", async () => {
+    const r = relay();
+    const url = "https://game.example/" + "a".repeat(512 - 21);
+    const { created } = await createRoom(r, "h", 4, { url });
+    expect(created.url).toBe(url);
+  });
+});
+
+describe("join and slots", () => {
+  test("a joiner gets the next index and the present peers; peers get peer_joined", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    expect(a.joined).toMatchObject({ type: "joined", room: code, index: 1, peers: [0], instance: r.instanceId });
+    expect(await host.next("peer_joined")).toEqual({ type: "peer_joined", index: 1 });
+    const b = await joinRoom(r, code);
+    expect(b.joined.index).toBe(2);
+    expect(b.joined.peers).toEqual([0, 1]);
+  });
+
+  test("peers lists only present slots, ascending", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    await joinRoom(r, code);
+    a.client.close();
+    await host.next("peer_left");
+    const c = await joinRoom(r, code);
+    expect(c.joined.index).toBe(3);
+    expect(c.joined.peers).toEqual([0, 2]);
+  });
+
+  test("maxClients caps present members and a disconnect frees the spot at once", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r, "h", 2);
+    const a = await joinRoom(r, code);
+    const late = await TestClient.connect(r.wsUrl);
+    late.send({ type: "join", clientId: "late", room: code });
+    await late.error("room_full");
+    a.client.close();
+    await host.next("peer_left");
+    late.send({ type: "join", clientId: "late", room: code });
+    expect((await late.next("joined")).index).toBe(2);
+  });
+
+  test("same clientId on a new socket replaces the old one: 4000, same slot, peers see nothing", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const first = await joinRoom(r, code, "phone");
+    await host.next("peer_joined");
+    const second = await joinRoom(r, code, "phone");
+    expect(second.joined.index).toBe(first.joined.index);
+    expect(await first.client.closeCode()).toEqual({ code: 4000, reason: "replaced" });
+    await host.barrier();
+    expect(host.pending("peer_left")).toEqual([]);
+    expect(host.pending("peer_joined")).toEqual([]);
+    host.send({ type: "send", data: "after" });
+    expect((await second.client.next("message")).data).toBe("after");
+  });
+
+  test("a vacant slot is reclaimed by its clientId: same index, peers get peer_joined", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "phone");
+    await host.next("peer_joined");
+    a.client.close();
+    expect(await host.next("peer_left")).toEqual({ type: "peer_left", index: 1 });
+    const again = await joinRoom(r, code, "phone");
+    expect(again.joined.index).toBe(1);
+    expect(await host.next("peer_joined")).toEqual({ type: "peer_joined", index: 1 });
+  });
+
+  test("a reclaim after the room refilled gets Room is full", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r, "h", 2);
+    const a = await joinRoom(r, code, "phone");
+    a.client.close();
+    await host.next("peer_left");
+    await joinRoom(r, code, "someone-else");
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "phone", room: code });
+    expect(await back.error("room_full")).toMatchObject({ message: "Room is full" });
+  });
+
+  test("a peer without the clientId cannot evict anyone", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r, "host-secret", 3);
+    const a = await joinRoom(r, code, "phone-secret");
+    const intruder = await joinRoom(r, code, "guess");
+    expect(intruder.joined.index).toBe(2);
+    await host.barrier();
+    await a.client.barrier();
+    expect(a.client.ws.readyState).toBe(WebSocket.OPEN);
+    expect(host.ws.readyState).toBe(WebSocket.OPEN);
+  });
+
+  test("slot indices are never reassigned: a new clientId after churn takes a fresh index", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r, "h", 2);
+    for (let i = 1; i <= 3; i++) {
+      const g = await joinRoom(r, code, `g${i}`);
+      expect(g.joined.index).toBe(i);
+      g.client.close();
+      await host.next("peer_left");
+    }
+  });
+
+  test("room_not_found, invalid_room and already_in_room", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "join", clientId: "x", room: "nope12" });
+    expect(await c.error("room_not_found")).toMatchObject({ message: "Room not found" });
+    for (const room of [undefined, "", 42]) {
+      c.send({ type: "join", clientId: "x", room });
+      expect(await c.error("invalid_room")).toMatchObject({ message: "room is required" });
+    }
+    host.send({ type: "join", clientId: "y", room: code });
+    expect(await host.error("already_in_room")).toMatchObject({ message: "Already in a room" });
+    host.send({ type: "create", clientId: "y", maxClients: 2 });
+    await host.error("already_in_room");
+  });
+});
+
+describe("send", () => {
+  test("a broadcast reaches every other present member, not the sender, with from = slot", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    const b = await joinRoom(r, code);
+    a.client.send({ type: "send", data: { n: 1, s: "é" } });
+    for (const c of [host, b.client]) expect(await c.next("message")).toEqual({ type: "message", from: 1, data: { n: 1, s: "é" } });
+    await a.client.barrier();
+    expect(a.client.pending("message")).toEqual([]);
+  });
+
+  test("to: n reaches only slot n, including the sender's own slot", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    const b = await joinRoom(r, code);
+    host.send({ type: "send", to: 2, data: "for b" });
+    expect(await b.client.next("message")).toEqual({ type: "message", from: 0, data: "for b" });
+    host.send({ type: "send", to: 0, data: "self" });
+    expect(await host.next("message")).toEqual({ type: "message", from: 0, data: "self" });
+    await a.client.barrier();
+    expect(a.client.pending("message")).toEqual([]);
+  });
+
+  test("to: [..] delivers once per present slot and lists the missing ones", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    host.send({ type: "send", to: [1, 1, 7, 0, 7], data: "hi" });
+    expect(await a.client.next("message")).toEqual({ type: "message", from: 0, data: "hi" });
+    expect(await host.next("message")).toEqual({ type: "message", from: 0, data: "hi" });
+    expect(await host.error("target_not_found")).toEqual({
+      type: "error",
+      code: "target_not_found",
+      message: "Target peer not found",
+      missing: [7],
+    });
+    await a.client.barrier();
+    expect(a.client.pending("message")).toEqual([]);
+  });
+
+  test("to: n for an absent slot is target_not_found and nothing is delivered", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    host.send({ type: "send", to: 5, data: "x" });
+    expect(await host.error("target_not_found")).toMatchObject({ message: "Target peer not found" });
+    await a.client.barrier();
+    expect(a.client.pending("message")).toEqual([]);
+  });
+
+  test.each([[-1], [1.5], ["1"], [[]], [[1, "2"]], [null], [{}]])("to: %p is target_not_found", async (to) => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    host.send({ type: "send", to, data: "x" });
+    await host.error("target_not_found");
+    await a.client.barrier();
+    expect(a.client.pending("message")).toEqual([]);
+  });
+
+  test("data of every JSON kind round-trips exactly; a send without data relays no data field", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    const values = [null, 0, -1.5e300, "", "\u2028\ud83c\udf89\"\\", [1, [2]], { a: { b: [true, false] } }];
+    for (const data of values) host.send({ type: "send", data });
+    for (const data of values) expect((await a.client.next("message")).data).toEqual(data);
+    host.send({ type: "send" });
+    expect(await a.client.next("message")).toEqual({ type: "message", from: 0 });
+  });
+
+  test("frames from one sender arrive in order", async () => {
+    const r = relay({ rateLimitPerSec: 0 });
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    for (let i = 0; i < 500; i++) host.send({ type: "send", data: i });
+    for (let i = 0; i < 500; i++) expect((await a.client.next("message")).data).toBe(i);
+  });
+
+  test("peer_joined reaches a peer before any message from the new slot", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "join", clientId: "g", room: code });
+    c.send({ type: "send", data: "first" });
+    await host.next("message");
+    await host.next("peer_joined");
+    expect(host.raw.findIndex((t) => t.includes("peer_joined"))).toBeLessThan(host.raw.findIndex((t) => t.includes("first")));
+  });
+
+  test("send outside a room is not_in_room", async () => {
+    const r = relay();
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "send", data: 1 });
+    expect(await c.error("not_in_room")).toMatchObject({ message: "Not in a room" });
+  });
+});
+
+describe("state", () => {
+  test("set_state reaches the others and is replayed right after joined; null is a value", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    host.send({ type: "set_state", data: { round: 2 } });
+    expect(await a.client.next("state")).toEqual({ type: "state", data: { round: 2 } });
+    host.send({ type: "set_state", data: null });
+    expect(await a.client.next("state")).toEqual({ type: "state", data: null });
+    const b = await TestClient.connect(r.wsUrl);
+    b.send({ type: "join", clientId: "b", room: code });
+    await b.next("joined");
+    await b.next("state");
+    expect(b.raw).toEqual([expect.stringContaining('"joined"'), JSON.stringify({ type: "state", data: null })]);
+    await host.barrier();
+    expect(host.pending("state")).toEqual([]);
+  });
+
+  test("no state frame after joined when no snapshot exists", async () => {
+    const r = relay();
+    const { code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    await a.client.barrier();
+    expect(a.client.pending("state")).toEqual([]);
+  });
+
+  test("only the host can set state", async () => {
+    const r = relay();
+    const { code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    a.client.send({ type: "set_state", data: 1 });
+    expect(await a.client.error("not_host")).toMatchObject({ message: "Only the host can set state" });
+  });
+
+  test("state_required without data; not_in_room outside a room", async () => {
+    const r = relay();
+    const { host } = await createRoom(r);
+    host.send({ type: "set_state" });
+    expect(await host.error("state_required")).toMatchObject({ message: "State data is required" });
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "set_state", data: 1 });
+    await c.error("not_in_room");
+  });
+
+  test("the state cap counts UTF-8 bytes, not characters", async () => {
+    const r = relay({ maxStateBytes: 100 });
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    // "é" is 2 bytes: 40 of them plus quotes is 82 bytes (fits), 50 is 102 (does not).
+    host.send({ type: "set_state", data: "é".repeat(50) });
+    expect(await host.error("state_too_large")).toMatchObject({ message: "State too large" });
+    host.send({ type: "set_state", data: "é".repeat(40) });
+    expect((await a.client.next("state")).data).toBe("é".repeat(40));
+  });
+
+  test("a rejected set_state keeps the previous snapshot", async () => {
+    const r = relay({ maxStateBytes: 50 });
+    const { host, code } = await createRoom(r);
+    host.send({ type: "set_state", data: "keep" });
+    host.send({ type: "set_state", data: "x".repeat(100) });
+    await host.error("state_too_large");
+    const a = await joinRoom(r, code);
+    expect((await a.client.next("state")).data).toBe("keep");
+  });
+});
+
+describe("close_room, leave, host grace", () => {
+  test("close_room ends the room for everyone with 4001 and /room turns 404 at once", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    host.send({ type: "close_room" });
+    expect(await host.closeCode()).toEqual({ code: 4001, reason: "room closed" });
+    expect(await a.client.closeCode()).toEqual({ code: 4001, reason: "room closed" });
+    expect((await fetch(`${r.url}/room/${code}`)).status).toBe(404);
+  });
+
+  test("only the host can close the room; outside a room it is not_in_room", async () => {
+    const r = relay();
+    const { code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    a.client.send({ type: "close_room" });
+    expect(await a.client.error("not_host")).toMatchObject({ message: "Only the host can close the room" });
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "close_room" });
+    await c.error("not_in_room");
+  });
+
+  test("leave: left to the leaver, peer_left to the others; the clientId then takes a new slot", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "phone");
+    await host.next("peer_joined");
+    a.client.send({ type: "leave" });
+    expect(await a.client.next("left")).toEqual({ type: "left", room: code });
+    expect(await host.next("peer_left")).toEqual({ type: "peer_left", index: 1 });
+    a.client.send({ type: "join", clientId: "phone", room: code });
+    expect((await a.client.next("joined")).index).toBe(2);
+  });
+
+  test("after leave the socket stays open and may create a room", async () => {
+    const r = relay();
+    const { code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    a.client.send({ type: "leave" });
+    await a.client.next("left");
+    a.client.send({ type: "create", clientId: "new", maxClients: 2 });
+    expect((await a.client.next("created")).index).toBe(0);
+  });
+
+  test("a host leave closes the room: everyone, host included, gets 4001 and no left", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    host.send({ type: "leave" });
+    expect(await host.closeCode()).toEqual({ code: 4001, reason: "room closed" });
+    expect(await a.client.closeCode()).toEqual({ code: 4001, reason: "room closed" });
+    expect(host.pending("left")).toEqual([]);
+  });
+
+  test("leave outside a room is not_in_room", async () => {
+    const r = relay();
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "leave" });
+    await c.error("not_in_room");
+  });
+
+  test("a room with no present member is deleted at once", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    a.client.close();
+    await host.next("peer_left");
+    host.close();
+    await host.closed;
+    await within(
+      (async () => {
+        while ((await fetch(`${r.url}/room/${code}`)).status !== 404);
+      })(),
+      "the empty room to be deleted",
+    );
+    expect(r.stats()).toEqual({ rooms: 0, clients: 0 });
+  });
+
+  test("a host absent for HOST_GRACE_MS closes the room with 4001", async () => {
+    const r = relay({ hostGraceMs: 150 });
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    host.close();
+    expect(await a.client.next("peer_left")).toEqual({ type: "peer_left", index: 0 });
+    expect(await a.client.closeCode()).toEqual({ code: 4001, reason: "room closed" });
+    expect((await fetch(`${r.url}/room/${code}`)).status).toBe(404);
+  });
+
+  test("a host reclaim inside the grace window cancels the close", async () => {
+    const graceMs = 300;
+    const r = relay({ hostGraceMs: graceMs });
+    const { host, code, clientId } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    host.close();
+    await a.client.next("peer_left");
+    const back = await joinRoom(r, code, clientId);
+    expect(back.joined.index).toBe(0);
+    expect(await a.client.next("peer_joined")).toEqual({ type: "peer_joined", index: 0 });
+    // Proving a negative needs the deadline to pass: wait past the grace window.
+    await Bun.sleep(graceMs * 2);
+    await a.client.barrier();
+    expect(a.client.ws.readyState).toBe(WebSocket.OPEN);
+    expect((await fetch(`${r.url}/room/${code}`)).status).toBe(200);
+  });
+});
+
+describe("ping", () => {
+  test("pong echoes id and carries the server clock", async () => {
+    const r = relay();
+    const c = await TestClient.connect(r.wsUrl);
+    const before = Date.now();
+    c.send({ type: "ping", id: "abc" });
+    const pong = await c.next("pong");
+    expect(pong.id).toBe("abc");
+    expect(pong.t).toBeGreaterThanOrEqual(before);
+    expect(pong.t).toBeLessThanOrEqual(Date.now());
+    c.send({ type: "ping" });
+    expect(Object.keys(await c.next("pong")).sort()).toEqual(["t", "type"]);
+  });
+});
+
+describe("validation errors", () => {
+  test.each([["not json"], ["null"], ["[]"], ["5"], ['"str"'], ["true"], ["{"]])("%p is invalid_json", async (frame) => {
+    const r = relay();
+    const c = await TestClient.connect(r.wsUrl);
+    c.send(frame);
+    expect(await c.error("invalid_json")).toEqual({ type: "error", code: "invalid_json", message: "Invalid JSON" });
+    c.send({ type: "ping", id: 1 });
+    expect((await c.next("pong")).id).toBe(1);
+  });
+
+  test.each([[{}], [{ type: "nope" }], [{ type: 5 }], [{ type: "toString" }], [{ type: "__proto__" }]])(
+    "%p is unknown_type",
+    async (frame) => {
+      const r = relay();
+      const c = await TestClient.connect(r.wsUrl);
+      c.send(frame);
+      expect(await c.error("unknown_type")).toMatchObject({ message: "Unknown message type" });
+    },
+  );
+
+  test.each([[undefined], [""], [42], [{}], ["x".repeat(129)]])("clientId %p is invalid_client_id", async (clientId) => {
+    const r = relay();
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "create", clientId, maxClients: 4 });
+    await c.error("invalid_client_id");
+    c.send({ type: "join", clientId, room: "abcdef" });
+    await c.error("invalid_client_id");
+    expect(r.stats().rooms).toBe(0);
+  });
+
+  test("clientId of 1 and 128 characters is accepted", async () => {
+    const r = relay();
+    await createRoom(r, "x");
+    await createRoom(r, "y".repeat(128));
+    expect(r.stats().rooms).toBe(2);
+  });
+
+  test.each([[undefined], [0], [-1], [1.5], ["4"], [257], [Infinity]])("maxClients %p is invalid_max_clients", async (maxClients) => {
+    const r = relay();
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "create", clientId: "h", maxClients });
+    await c.error("invalid_max_clients");
+    expect(r.stats().rooms).toBe(0);
+  });
+
+  test("maxClients of MAX_ROOM_CLIENTS is accepted, one more is not", async () => {
+    const r = relay({ maxRoomClients: 3 });
+    await createRoom(r, "h", 3);
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "create", clientId: "h", maxClients: 4 });
+    expect(await c.error("invalid_max_clients")).toMatchObject({ message: "maxClients must be at most 3" });
+  });
+
+  test("the Party-Sockets error texts are the default messages", () => {
+    expect(ERRORS).toMatchObject({
+      invalid_json: "Invalid JSON",
+      unknown_type: "Unknown message type",
+      invalid_client_id: "clientId is required",
+      invalid_max_clients: "maxClients must be a positive number",
+      invalid_room: "room is required",
+      room_not_found: "Room not found",
+      room_full: "Room is full",
+      already_in_room: "Already in a room",
+      not_in_room: "Not in a room",
+      target_not_found: "Target peer not found",
+      state_required: "State data is required",
+      state_too_large: "State too large",
+      draining: "Server draining",
+    });
+  });
+
+  test("hostile keys and deep nesting change nothing and never crash the relay", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    host.send('{"type":"send","__proto__":{"to":5},"constructor":{"prototype":{}},"data":{"__proto__":{"x":1}}}');
+    const m = await a.client.next("message");
+    expect(m.from).toBe(0);
+    expect(JSON.stringify(m.data)).toBe('{"__proto__":{"x":1}}');
+    host.send("[".repeat(60_000));
+    await host.error("invalid_json");
+    host.send('{"type":"send","data":' + "[".repeat(5000) + "]".repeat(5000) + "}");
+    await a.client.next("message");
+    expect((await fetch(`${r.url}/health`)).status).toBe(200);
+  });
+});
+
+describe("HTTP", () => {
+  test("/health is 200 ok with CORS", async () => {
+    const r = relay();
+    const res = await fetch(`${r.url}/health`);
+    expect(res.status).toBe(200);
+    expect(await res.json()).toEqual({ status: "ok" });
+    expect(res.headers.get("access-control-allow-origin")).toBe("*");
+  });
+
+  test("/room/:code: fields, X-Instance-Id, CORS; 404 for unknown; 4xx for a malformed code", async () => {
+    const r = relay({ instanceId: "m-7" });
+    const host = await TestClient.connect(r.wsUrl, { Origin: "https://game.example" });
+    host.send({ type: "create", clientId: "h", maxClients: 5 });
+    const code = (await host.next("created")).room;
+    await joinRoom(r, code);
+    const res = await fetch(`${r.url}/room/${code}`);
+    expect(res.status).toBe(200);
+    expect(await res.json()).toEqual({ clients: 2, maxClients: 5, origin: "https://game.example" });
+    expect(res.headers.get("x-instance-id")).toBe("m-7");
+    expect(res.headers.get("access-control-allow-origin")).toBe("*");
+    const missing = await fetch(`${r.url}/room/zzzzzz`);
+    expect(missing.status).toBe(404);
+    expect(await missing.json()).toEqual({ error: "Room not found" });
+    expect(missing.headers.get("x-instance-id")).toBe("m-7");
+    const bad = await fetch(`${r.url}/room/%ZZ`);
+    expect(bad.status).toBeGreaterThanOrEqual(400);
+    expect(bad.status).toBeLessThan(500);
+  });
+
+  test("GET / is a plain-text snapshot, or a 302 when DASHBOARD_URL is set", async () => {
+    const r = relay();
+    const { code } = await createRoom(r);
+    await joinRoom(r, code);
+    const res = await fetch(`${r.url}/`);
+    expect(await res.text()).toBe("rooms: 1\nclients: 2\n");
+    expect(res.headers.get("access-control-allow-origin")).toBe("*");
+    const other = await fetch(`${r.url}/anything/else`);
+    expect(await other.text()).toBe("rooms: 1\nclients: 2\n");
+    const d = relay({ dashboardUrl: "https://grafana.example/d/1" });
+    const redirect = await fetch(`${d.url}/`, { redirect: "manual" });
+    expect(redirect.status).toBe(302);
+    expect(redirect.headers.get("location")).toBe("https://grafana.example/d/1");
+  });
+
+  test("/client.js is a JavaScript module with an ETag that answers 304", async () => {
+    const r = relay();
+    const res = await fetch(`${r.url}/client.js`);
+    expect(res.status).toBe(200);
+    expect(res.headers.get("content-type")).toContain("text/javascript");
+    expect(res.headers.get("access-control-allow-origin")).toBe("*");
+    const etag = res.headers.get("etag")!;
+    expect(etag).toBeTruthy();
+    expect(await res.text()).not.toContain("import ");
+    const again = await fetch(`${r.url}/client.js`, { headers: { "If-None-Match": etag } });
+    expect(again.status).toBe(304);
+  });
+
+  test("/metrics exposes the Party-Sockets series with instance, region (upper case) and version", async () => {
+    const r = relay({ instanceId: "m1", region: "fra" });
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    host.send({ type: "send", data: 1 });
+    await a.client.next("message");
+    host.send("nope");
+    await host.error("invalid_json");
+    const body = await (await fetch(`${r.url}/metrics`)).text();
+    const labels = 'instance="m1",region="FRA",version="';
+    for (const name of [
+      "party_sockets_clients",
+      "party_sockets_rooms",
+      "party_sockets_clients_by_origin",
+      "party_sockets_rooms_by_origin",
+      "party_sockets_connections_total",
+      "party_sockets_rooms_created_total",
+      "party_sockets_origins_tracked",
+      "process_resident_memory_bytes",
+      "process_heap_used_bytes",
+      "process_uptime_seconds",
+    ]) {
+      expect(body).toContain(`# TYPE ${name} `);
+      expect(body).toContain(`${name}{${labels}`);
+    }
+    expect(body).toContain("# TYPE process_uptime_seconds gauge");
+    expect(body).toMatch(/party_sockets_clients\{[^}]*\} 2\n/);
+    expect(body).toMatch(/party_sockets_messages_relayed_total\{[^}]*kind="broadcast"\} 1\n/);
+    expect(body).toMatch(/party_sockets_deliveries_total\{[^}]*\} 1\n/);
+    expect(body).toMatch(/party_sockets_errors_total\{[^}]*code="invalid_json"\} 1\n/);
+  });
+
+  test("origin series are capped with an __other__ bucket", async () => {
+    const r = relay({ maxOriginSeries: 2 });
+    for (const origin of ["https://a.example", "https://b.example", "https://c.example", "https://d.example"]) {
+      const c = await TestClient.connect(r.wsUrl, { Origin: origin });
+      c.send({ type: "create", clientId: "h", maxClients: 2 });
+      await c.next("created");
+    }
+    const body = await (await fetch(`${r.url}/metrics`)).text();
+    const series = body.split("\n").filter((l) => l.startsWith("party_sockets_rooms_by_origin{"));
+    expect(series).toHaveLength(3);
+    expect(series.some((l) => l.includes('origin="__other__"} 2'))).toBe(true);
+  });
+});
+
+describe("secrecy of clientId", () => {
+  test("no frame, HTTP body or header, metric or log line carries a clientId", async () => {
+    const r = relay({ instanceId: "m1", region: "fra" });
+    const secrets = ["S3cret-host-id", "S3cret-guest-a", "S3cret-guest-b"];
+    const { host, code } = await createRoom(r, secrets[0], 4, { url: "https://g.example/{room}" });
+    const a = await joinRoom(r, code, secrets[1]);
+    const b = await joinRoom(r, code, secrets[2]);
+    host.send({ type: "set_state", data: { s: 1 } });
+    a.client.send({ type: "send", data: "hi" });
+    b.client.send({ type: "send", to: [0, 9], data: "yo" });
+    await b.client.error("target_not_found");
+    const again = await joinRoom(r, code, secrets[1]); // replace
+    await a.client.closeCode();
+    again.client.send({ type: "leave" });
+    await again.client.next("left");
+    await host.barrier();
+    await b.client.barrier();
+    const http: string[] = [];
+    for (const path of [`/room/${code}`, "/metrics", "/", "/health", "/room/nope"]) {
+      const res = await fetch(r.url + path);
+      http.push(await res.text(), JSON.stringify([...res.headers]));
+    }
+    host.send({ type: "close_room" });
+    await host.closeCode();
+    const everything = [host, a.client, b.client, again.client].flatMap((c) => c.raw).concat(http, r.logs).join("\n");
+    expect(everything.length).toBeGreaterThan(1000);
+    for (const secret of secrets) expect(everything).not.toContain(secret);
+  });
+});
+
+describe("drain", () => {
+  test("drain refuses creates but not joins, and resolves when the last room ends", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    let done = false;
+    const drained = r.drain().then(() => (done = true));
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "create", clientId: "late", maxClients: 2 });
+    expect(await c.error("draining")).toMatchObject({ message: "Server draining" });
+    c.send({ type: "join", clientId: "g", room: code });
+    await c.next("joined");
+    expect(done).toBe(false);
+    expect(await (await fetch(`${r.url}/metrics`)).text()).toMatch(/party_sockets_draining\{[^}]*\} 1\n/);
+    host.send({ type: "close_room" });
+    await within(drained, "the drain to finish");
+    expect(r.logs.map((l) => JSON.parse(l).event)).toContain("drain_end");
+  });
+
+  test("a drain with no rooms resolves at once", async () => {
+    const r = relay();
+    await within(r.drain(), "an empty drain");
+  });
+
+  test("past DRAIN_TIMEOUT_MS the remaining members get 1001", async () => {
+    const r = relay({ drainTimeoutMs: 100 });
+    const { host } = await createRoom(r);
+    await within(r.drain(), "the bounded drain");
+    expect(await host.closeCode()).toEqual({ code: 1001, reason: "server shutting down" });
+  });
+
+  test("run directly: SIGTERM drains and exits 0 once rooms are gone", async () => {
+    const proc = Bun.spawn(["bun", "run", "server.ts"], {
+      env: { ...process.env, PORT: "0", HOST: "127.0.0.1", LOG_LEVEL: "info" },
+      stdout: "pipe",
+      cwd: import.meta.dir,
+    });
+    const reader = proc.stdout.getReader();
+    let out = "";
+    while (!out.includes('"event":"start"')) out += new TextDecoder().decode((await reader.read()).value);
+    const port = JSON.parse(out.split("\n").find((l) => l.includes('"start"'))!).port;
+    const host = await TestClient.connect(`ws://127.0.0.1:${port}`);
+    host.send({ type: "create", clientId: "h", maxClients: 2 });
+    await host.next("created");
+    proc.kill("SIGTERM");
+    const late = await TestClient.connect(`ws://127.0.0.1:${port}`);
+    late.send({ type: "create", clientId: "x", maxClients: 2 });
+    await late.error("draining");
+    host.send({ type: "close_room" });
+    expect(await within(proc.exited, "the process to exit")).toBe(0);
+  });
+});
+
+describe("options", () => {
+  test("optionsFromEnv maps every documented variable and rejects nonsense", () => {
+    expect(
+      optionsFromEnv({
+        PORT: "9000",
+        MAX_MESSAGE_BYTES: "1000",
+        RATE_LIMIT_PER_SEC: "0",
+        FLY_MACHINE_ID: "abc",
+        FLY_REGION: "fra",
+        LOG_LEVEL: "warn",
+        HOST_GRACE_MS: "",
+      }),
+    ).toEqual({ port: 9000, maxMessageBytes: 1000, rateLimitPerSec: 0, instanceId: "abc", region: "fra", logLevel: "warn" });
+    expect(optionsFromEnv({ INSTANCE_ID: "x", FLY_MACHINE_ID: "y", REGION: "a", FLY_REGION: "b" })).toEqual({ instanceId: "x", region: "a" });
+    expect(() => optionsFromEnv({ PORT: "abc" })).toThrow("PORT");
+    expect(() => optionsFromEnv({ LOG_LEVEL: "loud" })).toThrow("LOG_LEVEL");
+    expect(() => optionsFromEnv({ TLS_CERT_FILE: "a" })).toThrow("TLS");
+    expect(DEFAULTS.hostGraceMs).toBe(120_000);
+    expect(CLOSES.replaced.code).toBe(4000);
+  });
+});
+
+// The limits of SPEC §4 (issue 4).
+describe("limits and abuse", () => {
+  test("a frame over MAX_MESSAGE_BYTES gets message_too_large, then a 1009 close", async () => {
+    const r = relay({ maxMessageBytes: 1000 });
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    a.client.send({ type: "send", data: "x".repeat(1000) });
+    const err = await a.client.error("message_too_large");
+    expect(err.message).toContain("1000");
+    expect(await a.client.closeCode()).toEqual({ code: 1009, reason: "message too large" });
+    expect(await host.next("peer_left")).toEqual({ type: "peer_left", index: 1 });
+    await host.barrier();
+    expect(host.pending("message")).toEqual([]);
+  });
+
+  test("the frame cap counts UTF-8 bytes", async () => {
+    const r = relay({ maxMessageBytes: 1000 });
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    const frame = JSON.stringify({ type: "send", data: "é".repeat(480) }); // ~990 bytes
+    expect(Buffer.byteLength(frame)).toBeLessThanOrEqual(1000);
+    a.client.send(frame);
+    await host.next("message");
+    a.client.send(JSON.stringify({ type: "send", data: "é".repeat(500) })); // ~1030 bytes, 530 chars
+    await a.client.error("message_too_large");
+  });
+
+  test("binary frames get binary_unsupported and nothing is relayed", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    a.client.ws.send(new Uint8Array([1, 2, 3]));
+    expect(await a.client.error("binary_unsupported")).toMatchObject({ code: "binary_unsupported" });
+    await host.barrier();
+    expect(host.pending("message")).toEqual([]);
+    expect(a.client.ws.readyState).toBe(WebSocket.OPEN);
+  });
+
+  test("past the burst, frames are dropped with at most one rate_limited error per second", async () => {
+    const r = relay({ rateLimitPerSec: 5, rateLimitBurst: 10 });
+    const { host, code } = await createRoom(r); // the create takes one token
+    const a = await joinRoom(r, code);
+    for (let i = 0; i < 50; i++) host.send({ type: "send", data: i });
+    expect(await host.error("rate_limited")).toMatchObject({ message: ERRORS.rate_limited });
+    for (let i = 0; i < 9; i++) expect((await a.client.next("message")).data).toBe(i);
+    const dropped = async () => {
+      const metrics = await (await fetch(`${r.url}/metrics`)).text();
+      return Number(/party_sockets_rate_limited_frames_total\{[^}]*\} (\d+)/.exec(metrics)![1]);
+    };
+    await within((async () => { while ((await dropped()) < 41); })(), "41 frames to be dropped");
+    expect(host.pending("error")).toEqual([]);
+    expect(a.client.pending("message")).toEqual([]);
+  });
+
+  test("RATE_LIMIT_PER_SEC=0 disables the limit", async () => {
+    const r = relay({ rateLimitPerSec: 0, rateLimitBurst: 1 });
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    for (let i = 0; i < 300; i++) host.send({ type: "send", data: i });
+    for (let i = 0; i < 300; i++) expect((await a.client.next("message")).data).toBe(i);
+    expect(host.pending("error")).toEqual([]);
+  });
+
+  test("too_many_rooms per IP, freed when a room ends", async () => {
+    const r = relay({ maxRoomsPerIp: 2 });
+    await createRoom(r);
+    const second = await createRoom(r);
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "create", clientId: "h3", maxClients: 2 });
+    await c.error("too_many_rooms");
+    second.host.send({ type: "close_room" });
+    await second.host.closeCode();
+    c.send({ type: "create", clientId: "h3", maxClients: 2 });
+    await c.next("created");
+  });
+
+  test("MAX_ROOMS caps rooms per process", async () => {
+    const r = relay({ maxRooms: 1 });
+    await createRoom(r);
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "create", clientId: "h2", maxClients: 2 });
+    await c.error("too_many_rooms");
+  });
+
+  test("Fly-Client-IP is trusted only when FLY_APP_NAME is set", async () => {
+    const off = relay({ maxRoomsPerIp: 1 });
+    const a = await TestClient.connect(off.wsUrl, { "Fly-Client-IP": "10.0.0.1" });
+    a.send({ type: "create", clientId: "h", maxClients: 2 });
+    await a.next("created");
+    const b = await TestClient.connect(off.wsUrl, { "Fly-Client-IP": "10.0.0.2" });
+    b.send({ type: "create", clientId: "h", maxClients: 2 });
+    await b.error("too_many_rooms"); // same socket address: the header was ignored
+    const on = relay({ maxRoomsPerIp: 1, flyAppName: "app" });
+    for (const ip of ["10.0.0.1", "10.0.0.2"]) {
+      const c = await TestClient.connect(on.wsUrl, { "Fly-Client-IP": ip });
+      c.send({ type: "create", clientId: "h", maxClients: 2 });
+      await c.next("created");
+    }
+  });
+
+  test("connections past MAX_CONNECTIONS_PER_IP are closed with 1008", async () => {
+    const r = relay({ maxConnectionsPerIp: 2 });
+    await TestClient.connect(r.wsUrl);
+    await TestClient.connect(r.wsUrl);
+    const third = await TestClient.connect(r.wsUrl);
+    expect(await third.closeCode()).toEqual({ code: 1008, reason: "too many connections" });
+  });
+
+  test("a slot cap of 4 x MAX_ROOM_CLIENTS per room bounds churn with fresh clientIds", async () => {
+    const r = relay({ maxRoomClients: 2 });
+    const { host, code } = await createRoom(r, "h", 2);
+    for (let i = 1; i < 8; i++) {
+      const g = await joinRoom(r, code, `g${i}`);
+      g.client.close();
+      await host.next("peer_left");
+    }
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "join", clientId: "g-last", room: code });
+    await c.error("room_full");
+  });
+
+  test("a slow consumer is closed with 4002 after receiving every message up to then, with no gap", async () => {
+    const r = relay({ rateLimitPerSec: 0, backpressureLimitBytes: 256 * 1024 });
+    const { host, code } = await createRoom(r);
+    const fast = await joinRoom(r, code);
+    const slow = await RawClient.connect(r.port);
+    slow.send({ type: "join", clientId: "slow", room: code });
+    await slow.until("joined", () => slow.texts.some((t) => t.includes('"joined"')));
+    await host.next("peer_joined");
+    slow.pause();
+    const pad = "p".repeat(4000);
+    let sent = 0;
+    // Keep sending until the relay gives up on the slow member; the fast one must see it all.
+    while (host.pending("peer_left").length === 0 && sent < 5000) {
+      for (let i = 0; i < 50; i++) host.send({ type: "send", data: { n: sent++, pad } });
+      await host.barrier();
+    }
+    expect(await host.next("peer_left")).toEqual({ type: "peer_left", index: 2 });
+    for (let i = 0; i < sent; i++) expect((await fast.client.next("message")).data.n).toBe(i);
+    slow.resume();
+    await slow.endOrClose(10_000);
+    const got = slow.frames().filter((f) => f.type === "message").map((f) => f.data.n);
+    expect(got.length).toBeGreaterThan(0);
+    expect(got).toEqual([...Array(got.length).keys()]);
+    if (slow.closeCode !== undefined) expect(slow.closeCode).toBe(4002);
+    const metrics = await (await fetch(`${r.url}/metrics`)).text();
+    expect(metrics).toMatch(/party_sockets_closes_total\{[^}]*code="4002"\} 1\n/);
+  });
+
+  test("a member that stops answering pings in a busy room is closed with 4003 and its peers get peer_left", async () => {
+    const r = relay({ rateLimitPerSec: 0, heartbeatIntervalMs: 100, heartbeatTimeoutMs: 400 });
+    const { host, code } = await createRoom(r);
+    const dead = await RawClient.connect(r.port); // never answers pings
+    dead.send({ type: "join", clientId: "dead", room: code });
+    await dead.until("joined", () => dead.texts.some((t) => t.includes('"joined"')));
+    await host.next("peer_joined");
+    const started = Date.now();
+    const busy = setInterval(() => host.send({ type: "send", data: "tick" }), 20);
+    try {
+      expect(await host.next("peer_left", 3000)).toEqual({ type: "peer_left", index: 1 });
+    } finally {
+      clearInterval(busy);
+    }
+    expect(Date.now() - started).toBeGreaterThanOrEqual(300);
+    await dead.endOrClose();
+    expect(dead.closeCode).toBe(4003);
+  });
+
+  test("a member that answers pings stays, however quiet", async () => {
+    const r = relay({ heartbeatIntervalMs: 50, heartbeatTimeoutMs: 200 });
+    const { host, code } = await createRoom(r);
+    const quiet = await joinRoom(r, code); // Bun's client answers pings
+    await host.next("peer_joined");
+    await Bun.sleep(600); // several timeout windows pass with no frame from either
+    await host.barrier();
+    expect(host.pending("peer_left")).toEqual([]);
+    expect(quiet.client.ws.readyState).toBe(WebSocket.OPEN);
+  });
+});

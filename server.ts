@@ -1,0 +1,1033 @@
+// party-sockets: a WebSocket relay for browser party games.
+//
+// One Bun process keeps rooms of numbered slots in memory and forwards JSON
+// between them. It never interprets game data. Read top to bottom: options,
+// wire types, validation, rooms and handlers, HTTP, metrics, the factory, and
+// the block that runs when this file is started directly.
+
+import type { Server, ServerWebSocket } from "bun";
+// Bun imports client.ts as text (and the bundler inlines it), so the served
+// /client.js needs no file on disk; TypeScript only knows the module reading.
+// @ts-expect-error TS1192: a text import has a default export TypeScript cannot see
+import clientSource from "./client.ts" with { type: "text" };
+import pkg from "./package.json" with { type: "json" };
+import {
+  CLOSES,
+  ERRORS,
+  type ClientMessage,
+  type CloseName,
+  type CreateMessage,
+  type ErrorCode,
+  type JoinMessage,
+  type PingMessage,
+  type SendMessage,
+} from "./protocol.ts";
+
+const VERSION: string = pkg.version;
+
+// ==================================================================== options
+
+export type LogLevel = "debug" | "info" | "warn" | "error" | "silent";
+
+export interface RelayOptions {
+  /** TCP port; 0 picks a free one. */
+  port: number;
+  /** "::" listens on IPv4 and IPv6 (Fly's private network is IPv6-only). */
+  hostname: string;
+  instanceId: string;
+  region: string;
+  /** Set on Fly: trust `Fly-Client-IP`. Elsewhere that header is client-controlled. */
+  flyAppName: string;
+  /** When set, `GET /` and unknown paths redirect here. */
+  dashboardUrl: string;
+  logLevel: LogLevel;
+  /** Where log lines go (one JSON object each). */
+  logSink: (line: string) => void;
+  maxMessageBytes: number;
+  maxStateBytes: number;
+  maxRoomClients: number;
+  hostGraceMs: number;
+  /** Token bucket refill per connection; 0 disables rate limiting. */
+  rateLimitPerSec: number;
+  rateLimitBurst: number;
+  /** A member whose unsent backlog passes this is closed with 4002. */
+  backpressureLimitBytes: number;
+  maxRoomsPerIp: number;
+  maxConnectionsPerIp: number;
+  maxRooms: number;
+  /** Bound on a drain; 0 waits for every room to end. Then sockets get 1001. */
+  drainTimeoutMs: number;
+  /** How often the one sweep timer pings quiet sockets. */
+  heartbeatIntervalMs: number;
+  /** A socket silent this long (no frame, no pong) is closed with 4003. */
+  heartbeatTimeoutMs: number;
+  /** Origins given their own metric series; the rest share `__other__`. */
+  maxOriginSeries: number;
+  tls?: { certFile: string; keyFile: string };
+}
+
+/** Defaults, each justified in the README's configuration table. */
+export const DEFAULTS: Readonly<RelayOptions> = Object.freeze({
+  port: 8080,
+  hostname: "::",
+  instanceId: "",
+  region: "",
+  flyAppName: "",
+  dashboardUrl: "",
+  logLevel: "info",
+  logSink: (line: string) => process.stdout.write(line + "\n"),
+  maxMessageBytes: 64 * 1024,
+  maxStateBytes: 16 * 1024,
+  maxRoomClients: 256,
+  hostGraceMs: 120_000,
+  rateLimitPerSec: 100,
+  rateLimitBurst: 200,
+  backpressureLimitBytes: 1024 * 1024,
+  maxRoomsPerIp: 100,
+  maxConnectionsPerIp: 1000,
+  maxRooms: 50_000,
+  drainTimeoutMs: 240_000,
+  heartbeatIntervalMs: 5_000,
+  heartbeatTimeoutMs: 15_000,
+  maxOriginSeries: 20,
+});
+
+/** Env names for the numeric options; the README's table follows this list. */
+const NUMERIC_ENV = {
+  PORT: "port",
+  MAX_MESSAGE_BYTES: "maxMessageBytes",
+  MAX_STATE_BYTES: "maxStateBytes",
+  MAX_ROOM_CLIENTS: "maxRoomClients",
+  HOST_GRACE_MS: "hostGraceMs",
+  RATE_LIMIT_PER_SEC: "rateLimitPerSec",
+  RATE_LIMIT_BURST: "rateLimitBurst",
+  BACKPRESSURE_LIMIT: "backpressureLimitBytes",
+  MAX_ROOMS_PER_IP: "maxRoomsPerIp",
+  MAX_CONNECTIONS_PER_IP: "maxConnectionsPerIp",
+  MAX_ROOMS: "maxRooms",
+  DRAIN_TIMEOUT_MS: "drainTimeoutMs",
+  HEARTBEAT_INTERVAL_MS: "heartbeatIntervalMs",
+  HEARTBEAT_TIMEOUT_MS: "heartbeatTimeoutMs",
+  MAX_ORIGIN_SERIES: "maxOriginSeries",
+} as const satisfies Record<string, keyof RelayOptions>;
+
+const LOG_LEVELS: readonly LogLevel[] = ["debug", "info", "warn", "error", "silent"];
+
+/** Turns environment variables into options; unset or empty values keep the defaults. */
+export function optionsFromEnv(env: Record<string, string | undefined> = process.env): Partial<RelayOptions> {
+  const options: Partial<RelayOptions> = {};
+  const numbers = options as Record<string, number>;
+  for (const [name, key] of Object.entries(NUMERIC_ENV)) {
+    const raw = env[name];
+    if (raw === undefined || raw === "") continue;
+    const value = Number(raw);
+    if (!Number.isFinite(value) || value < 0) throw new Error(`${name} must be a non-negative number, got "${raw}"`);
+    numbers[key] = value;
+  }
+  const text = (...names: string[]) => names.map((n) => env[n]).find((v) => v !== undefined && v !== "");
+  const hostname = text("HOST");
+  const instanceId = text("INSTANCE_ID", "FLY_MACHINE_ID");
+  const region = text("REGION", "FLY_REGION");
+  const flyAppName = text("FLY_APP_NAME");
+  const dashboardUrl = text("DASHBOARD_URL");
+  const logLevel = text("LOG_LEVEL");
+  if (hostname) options.hostname = hostname;
+  if (instanceId) options.instanceId = instanceId;
+  if (region) options.region = region;
+  if (flyAppName) options.flyAppName = flyAppName;
+  if (dashboardUrl) options.dashboardUrl = dashboardUrl;
+  if (logLevel) {
+    if (!LOG_LEVELS.includes(logLevel as LogLevel)) throw new Error(`LOG_LEVEL must be one of ${LOG_LEVELS.join(", ")}`);
+    options.logLevel = logLevel as LogLevel;
+  }
+  const certFile = text("TLS_CERT_FILE");
+  const keyFile = text("TLS_KEY_FILE");
+  if (certFile || keyFile) {
+    if (!certFile || !keyFile) throw new Error("TLS_CERT_FILE and TLS_KEY_FILE must be set together");
+    options.tls = { certFile, keyFile };
+  }
+  return options;
+}
+
+// =============================================================== wire: inbound
+
+/** A rejected frame: the error the sender gets; nothing else changes. */
+interface Rejection {
+  reject: ErrorCode;
+  message?: string;
+}
+
+/** What validation hands the handlers: a typed message, plus work already done. */
+type Valid =
+  | (CreateMessage & { url?: string })
+  | JoinMessage
+  | (SendMessage & { dataJson: string | undefined })
+  | { type: "set_state"; stateJson: string }
+  | { type: "close_room" }
+  | { type: "leave" }
+  | PingMessage;
+
+const URL_MAX_BYTES = 512;
+const URL_PLACEHOLDER = /\{([^}]*)\}/g;
+const URL_FORBIDDEN_CHARS = /[\s\u0000-\u001f\u007f]/;
+
+const isObject = (v: unknown): v is Record<string, unknown> =>
+  typeof v === "object" && v !== null && !Array.isArray(v);
+const isSlot = (v: unknown): v is number => typeof v === "number" && Number.isInteger(v) && v >= 0;
+const utf8Bytes = (s: string): number => Buffer.byteLength(s, "utf8");
+
+function rejection(reject: ErrorCode, message?: string): Rejection {
+  return { reject, message };
+}
+
+function checkClientId(v: unknown): Rejection | undefined {
+  if (typeof v !== "string" || v.length === 0) return rejection("invalid_client_id");
+  if (v.length > 128) return rejection("invalid_client_id", "clientId must be at most 128 characters");
+}
+
+function checkUrlTemplate(v: unknown): Rejection | undefined {
+  if (typeof v !== "string") return rejection("invalid_url", "url must be a string");
+  if (utf8Bytes(v) > URL_MAX_BYTES) return rejection("invalid_url", `url must be at most ${URL_MAX_BYTES} bytes`);
+  if (URL_FORBIDDEN_CHARS.test(v)) return rejection("invalid_url", "url must not contain spaces or control characters");
+  for (const [, name] of v.matchAll(URL_PLACEHOLDER)) {
+    if (name !== "room" && name !== "instance") {
+      return rejection("invalid_url", "url may only use the {room} and {instance} placeholders");
+    }
+  }
+  const sample = v.replace(URL_PLACEHOLDER, "x");
+  if (!sample.toLowerCase().startsWith("https://") || !URL.canParse(sample)) {
+    return rejection("invalid_url", "url must be an absolute https URL");
+  }
+}
+
+/**
+ * The one validation step: a raw text frame becomes a typed message or a
+ * rejection. Handlers never see anything else, so no client input can throw
+ * out of them.
+ */
+function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
+  let msg: unknown;
+  try {
+    msg = JSON.parse(text);
+  } catch {
+    return rejection("invalid_json");
+  }
+  if (!isObject(msg)) return rejection("invalid_json");
+  switch (msg.type) {
+    case "send": {
+      const { to, data } = msg;
+      if (to !== undefined && !isSlot(to) && !(Array.isArray(to) && to.length > 0 && to.every(isSlot))) {
+        return rejection("target_not_found", "to must be a slot index or a non-empty array of them");
+      }
+      return { type: "send", to, data, dataJson: data === undefined ? undefined : JSON.stringify(data) };
+    }
+    case "create": {
+      const bad = checkClientId(msg.clientId);
+      if (bad) return bad;
+      const { maxClients, url } = msg;
+      if (typeof maxClients !== "number" || !Number.isInteger(maxClients) || maxClients < 1) {
+        return rejection("invalid_max_clients");
+      }
+      if (maxClients > limits.maxRoomClients) {
+        return rejection("invalid_max_clients", `maxClients must be at most ${limits.maxRoomClients}`);
+      }
+      if (url !== undefined) {
+        const badUrl = checkUrlTemplate(url);
+        if (badUrl) return badUrl;
+      }
+      return { type: "create", clientId: msg.clientId as string, maxClients, url: url as string | undefined };
+    }
+    case "join": {
+      const bad = checkClientId(msg.clientId);
+      if (bad) return bad;
+      if (typeof msg.room !== "string" || msg.room.length === 0) return rejection("invalid_room");
+      return { type: "join", clientId: msg.clientId as string, room: msg.room };
+    }
+    case "set_state": {
+      if (msg.data === undefined) return rejection("state_required");
+      const stateJson = JSON.stringify(msg.data);
+      if (utf8Bytes(stateJson) > limits.maxStateBytes) return rejection("state_too_large");
+      return { type: "set_state", stateJson };
+    }
+    case "ping":
+      return { type: "ping", id: msg.id };
+    case "close_room":
+    case "leave":
+      return { type: msg.type };
+    default:
+      return rejection("unknown_type");
+  }
+}
+
+// ============================================================= rooms: model
+
+type Socket = ServerWebSocket<Conn>;
+
+/** Per-connection state, kept on the socket (Bun's `ws.data`). */
+interface Conn {
+  ip: string;
+  origin: string;
+  room: Room | null;
+  member: Member | null;
+  /** Token bucket for the rate limit. */
+  tokens: number;
+  bucketAtMs: number;
+  rateErrorAtMs: number;
+  /** Last frame or pong from the client: the heartbeat's evidence of life. */
+  lastSeenMs: number;
+}
+
+/** A slot: its index is stable for the room's life and never given to another clientId. */
+interface Member {
+  index: number;
+  clientId: string;
+  ws: Socket | null;
+  /** `{"type":"message","from":N`: built once, so relaying is one concatenation. */
+  messagePrefix: string;
+  /** Send-batch stamp, to deliver a `to: [...]` message once per slot without allocating. */
+  stamp: number;
+}
+
+interface Room {
+  code: string;
+  /** Bun pub/sub topic of the room's present members. */
+  topic: string;
+  maxClients: number;
+  origin: string;
+  creatorIp: string;
+  url?: string;
+  slots: Member[];
+  byClientId: Map<string, Member>;
+  present: number;
+  /** The last `set_state`, already serialised as a `state` frame. */
+  stateFrame?: string;
+  hostGraceTimer?: Timer;
+  closed: boolean;
+}
+
+const BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+const ROOM_CODE_CHARS = 6;
+
+/** A random 6-char base58 code from a cryptographic source. */
+function randomRoomCode(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(ROOM_CODE_CHARS));
+  let code = "";
+  // 256 % 58 leaves a slight bias toward the first 24 characters; irrelevant
+  // for guessability at 35 bits, and retried on collision anyway.
+  for (const b of bytes) code += BASE58[b % 58];
+  return code;
+}
+
+// ==================================================================== logging
+
+type Logger = Record<Exclude<LogLevel, "silent">, (event: string, fields?: Record<string, unknown>) => void>;
+
+/** JSON lines. Callers pass counts and codes only: never a clientId or game data. */
+function makeLogger(level: LogLevel, sink: (line: string) => void): Logger {
+  const threshold = LOG_LEVELS.indexOf(level);
+  const at = (lvl: Exclude<LogLevel, "silent">) => (event: string, fields?: Record<string, unknown>) => {
+    if (LOG_LEVELS.indexOf(lvl) < threshold) return;
+    sink(JSON.stringify({ t: new Date().toISOString(), level: lvl, event, ...fields }));
+  };
+  return { debug: at("debug"), info: at("info"), warn: at("warn"), error: at("error") };
+}
+
+// ==================================================================== metrics
+
+interface OriginTotals {
+  connections: number;
+  rooms: number;
+}
+
+/** Counters are plain integers bumped in place; the text is rendered on scrape. */
+function makeCounters() {
+  return {
+    relayedBroadcast: 0,
+    relayedTargeted: 0,
+    deliveries: 0,
+    bytesRelayed: 0,
+    rateLimitedFrames: 0,
+    errors: new Map<ErrorCode, number>(),
+    closes: new Map<number, number>(),
+    /** Since-boot totals per origin, capped: later origins count under `__other__`. */
+    origins: new Map<string, OriginTotals>(),
+  };
+}
+type Counters = ReturnType<typeof makeCounters>;
+
+const ORIGINS_TRACKED_MAX = 500;
+const OTHER_ORIGIN = "__other__";
+
+function bump<K>(map: Map<K, number>, key: K, by = 1): void {
+  map.set(key, (map.get(key) ?? 0) + by);
+}
+
+function originTotals(counters: Counters, origin: string): OriginTotals {
+  let totals = counters.origins.get(origin);
+  if (!totals) {
+    const key = counters.origins.size < ORIGINS_TRACKED_MAX ? origin : OTHER_ORIGIN;
+    totals = counters.origins.get(key) ?? { connections: 0, rooms: 0 };
+    counters.origins.set(key, totals);
+  }
+  return totals;
+}
+
+const escapeLabel = (v: string) => v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
+
+// ==================================================================== factory
+
+export interface Relay {
+  /** `http(s)://127.0.0.1:<port>` for local callers. */
+  url: string;
+  /** `ws(s)://127.0.0.1:<port>`. */
+  wsUrl: string;
+  port: number;
+  instanceId: string;
+  region: string;
+  stats(): { rooms: number; clients: number };
+  /** Refuse new rooms; resolves when none remain (or the drain timeout closes them). */
+  drain(): Promise<void>;
+  /** Close every socket and stop listening. */
+  stop(): Promise<void>;
+}
+
+export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
+  const options: RelayOptions = { ...DEFAULTS, ...overrides };
+  const instanceId = options.instanceId || crypto.randomUUID().slice(0, 8);
+  const region = options.region;
+  const regionLabel = (region || "local").toUpperCase();
+  const log = makeLogger(options.logLevel, options.logSink);
+  const counters = makeCounters();
+  const startedAtMs = Date.now();
+
+  const rooms = new Map<string, Room>();
+  const conns = new Set<Socket>();
+  const connectionsByIp = new Map<string, number>();
+  const roomsByIp = new Map<string, number>();
+  let draining = false;
+  let drained: (() => void) | undefined;
+  let drainTimer: Timer | undefined;
+  let drainPromise: Promise<void> | undefined;
+
+  // ------------------------------------------------------------ delivery
+
+  function recordClose(ws: Socket, close: CloseName): void {
+    const { code, reason } = CLOSES[close];
+    bump(counters.closes, code);
+    ws.close(code, reason);
+  }
+
+  /** Sends one frame to one socket, closing it with 4002 if its backlog passed the limit. */
+  function deliver(ws: Socket, frame: string): void {
+    if (ws.send(frame) === -1) closeIfBackpressured(ws);
+  }
+
+  function closeIfBackpressured(ws: Socket): void {
+    if (ws.getBufferedAmount() <= options.backpressureLimitBytes) return;
+    log.warn("abuse_close", { reason: "slow_consumer", code: CLOSES.slowConsumer.code });
+    evict(ws, "slowConsumer");
+  }
+
+  /**
+   * `publish` reports the worst status across subscribers: -1 means someone
+   * is buffering, so only then do we look for the member past the limit.
+   */
+  function publish(room: Room, from: Socket | null, frame: string): void {
+    const status = from ? from.publish(room.topic, frame) : server.publish(room.topic, frame);
+    if (status <= 0) {
+      for (const member of room.slots) if (member.ws && member.ws !== from) closeIfBackpressured(member.ws);
+    }
+  }
+
+  function sendError(ws: Socket, code: ErrorCode, message?: string, extra?: Record<string, unknown>): void {
+    bump(counters.errors, code);
+    deliver(ws, JSON.stringify({ type: "error", code, message: message ?? ERRORS[code], ...extra }));
+  }
+
+  // ------------------------------------------------------------ rooms
+
+  function presentPeers(room: Room, except: Member): number[] {
+    const peers: number[] = [];
+    for (const m of room.slots) if (m.ws && m !== except) peers.push(m.index);
+    return peers;
+  }
+
+  function fillUrl(template: string, code: string): string {
+    return template
+      .replaceAll("{room}", encodeURIComponent(code))
+      .replaceAll("{instance}", encodeURIComponent(instanceId));
+  }
+
+  function newRoomCode(): string {
+    let code = randomRoomCode();
+    while (rooms.has(code)) code = randomRoomCode();
+    return code;
+  }
+
+  function seat(ws: Socket, room: Room, member: Member): void {
+    member.ws = ws;
+    ws.data.room = room;
+    ws.data.member = member;
+    ws.subscribe(room.topic);
+  }
+
+  /** Detaches a socket from its room; the caller decides what the others are told. */
+  function unseat(ws: Socket): void {
+    const { room } = ws.data;
+    if (room) ws.unsubscribe(room.topic);
+    ws.data.room = null;
+    ws.data.member = null;
+  }
+
+  function addMember(room: Room, clientId: string): Member {
+    const index = room.slots.length;
+    const member: Member = {
+      index,
+      clientId,
+      ws: null,
+      messagePrefix: `{"type":"message","from":${index}`,
+      stamp: 0,
+    };
+    room.slots.push(member);
+    room.byClientId.set(clientId, member);
+    return member;
+  }
+
+  /** The member's socket is gone (closed, evicted or left): tell the others. */
+  function vacate(room: Room, member: Member, ws: Socket): void {
+    unseat(ws);
+    member.ws = null;
+    room.present--;
+    if (room.present === 0) return deleteRoom(room, "empty");
+    publish(room, null, JSON.stringify({ type: "peer_left", index: member.index }));
+    if (member.index === 0) startHostGrace(room);
+  }
+
+  function startHostGrace(room: Room): void {
+    room.hostGraceTimer = setTimeout(() => closeRoom(room, "host_grace_expired"), options.hostGraceMs);
+  }
+
+  function deleteRoom(room: Room, reason: string): void {
+    room.closed = true;
+    clearTimeout(room.hostGraceTimer);
+    rooms.delete(room.code);
+    const left = (roomsByIp.get(room.creatorIp) ?? 1) - 1;
+    if (left > 0) roomsByIp.set(room.creatorIp, left);
+    else roomsByIp.delete(room.creatorIp);
+    log.info("room_closed", { room: room.code, reason });
+    if (draining && rooms.size === 0) drained?.();
+  }
+
+  /** Ends a room for everyone (4001 "room closed" by default); /room/:code is 404 at once. */
+  function closeRoom(room: Room, reason: string, close: CloseName = "roomClosed"): void {
+    if (room.closed) return;
+    for (const member of room.slots) {
+      const ws = member.ws;
+      if (!ws) continue;
+      unseat(ws);
+      member.ws = null;
+      recordClose(ws, close);
+    }
+    room.present = 0;
+    deleteRoom(room, reason);
+  }
+
+  /** Relay-initiated close of a member: its peers learn at once, not when TCP gives up. */
+  function evict(ws: Socket, close: CloseName): void {
+    const { room, member } = ws.data;
+    if (room && member) vacate(room, member, ws);
+    recordClose(ws, close);
+  }
+
+  // ------------------------------------------------------------ handlers
+
+  function handleCreate(ws: Socket, msg: CreateMessage): void {
+    const conn = ws.data;
+    if (conn.room) return sendError(ws, "already_in_room");
+    if (draining) return sendError(ws, "draining");
+    if (rooms.size >= options.maxRooms) return sendError(ws, "too_many_rooms", "This server has too many rooms");
+    if ((roomsByIp.get(conn.ip) ?? 0) >= options.maxRoomsPerIp) return sendError(ws, "too_many_rooms");
+    const code = newRoomCode();
+    const room: Room = {
+      code,
+      topic: `room:${code}`,
+      maxClients: msg.maxClients,
+      origin: conn.origin,
+      creatorIp: conn.ip,
+      url: msg.url === undefined ? undefined : fillUrl(msg.url, code),
+      slots: [],
+      byClientId: new Map(),
+      present: 1,
+      closed: false,
+    };
+    rooms.set(code, room);
+    bump(roomsByIp, conn.ip);
+    originTotals(counters, conn.origin).rooms++;
+    seat(ws, room, addMember(room, msg.clientId));
+    log.info("room_created", { room: code, maxClients: msg.maxClients });
+    deliver(ws, JSON.stringify({ type: "created", room: code, instance: instanceId, region, index: 0, url: room.url }));
+  }
+
+  function handleJoin(ws: Socket, msg: JoinMessage): void {
+    if (ws.data.room) return sendError(ws, "already_in_room");
+    const room = rooms.get(msg.room);
+    if (!room) return sendError(ws, "room_not_found");
+    const owned = room.byClientId.get(msg.clientId);
+    if (owned?.ws) return replace(ws, room, owned);
+    if (room.present >= room.maxClients) return sendError(ws, "room_full");
+    if (!owned && room.slots.length >= maxSlotsPerRoom) return sendError(ws, "room_full", "Room has no slots left");
+    const member = owned ?? addMember(room, msg.clientId);
+    seat(ws, room, member);
+    room.present++;
+    if (member.index === 0) {
+      clearTimeout(room.hostGraceTimer);
+      room.hostGraceTimer = undefined;
+    }
+    publish(room, ws, JSON.stringify({ type: "peer_joined", index: member.index }));
+    sendJoined(ws, room, member);
+  }
+
+  /** The clientId's slot is live on another socket: this one takes over, peers see nothing. */
+  function replace(ws: Socket, room: Room, member: Member): void {
+    const old = member.ws!;
+    unseat(old);
+    recordClose(old, "replaced");
+    seat(ws, room, member);
+    sendJoined(ws, room, member);
+  }
+
+  function sendJoined(ws: Socket, room: Room, member: Member): void {
+    const joined = {
+      type: "joined",
+      room: room.code,
+      index: member.index,
+      peers: presentPeers(room, member),
+      instance: instanceId,
+      region,
+      url: room.url,
+    };
+    deliver(ws, JSON.stringify(joined));
+    if (room.stateFrame !== undefined) deliver(ws, room.stateFrame);
+  }
+
+  /** The hot path: one serialisation, fanout through the room topic. */
+  function handleSend(ws: Socket, msg: SendMessage & { dataJson: string | undefined }): void {
+    const { room, member } = ws.data;
+    if (!room || !member) return sendError(ws, "not_in_room");
+    const frame =
+      msg.dataJson === undefined ? member.messagePrefix + "}" : member.messagePrefix + ',"data":' + msg.dataJson + "}";
+    const to = msg.to;
+    if (to === undefined) {
+      counters.relayedBroadcast++;
+      counters.deliveries += room.present - 1;
+      counters.bytesRelayed += frame.length * (room.present - 1);
+      publish(room, ws, frame);
+    } else if (typeof to === "number") {
+      const target = room.slots[to]?.ws;
+      if (!target) return sendError(ws, "target_not_found");
+      countTargeted(frame, 1);
+      deliver(target, frame);
+    } else {
+      sendToList(ws, room, to, frame);
+    }
+  }
+
+  function countTargeted(frame: string, recipients: number): void {
+    counters.relayedTargeted++;
+    counters.deliveries += recipients;
+    counters.bytesRelayed += frame.length * recipients;
+  }
+
+  let sendStamp = 0;
+  /** `to: [...]`: each present slot once; the absent ones are reported back. */
+  function sendToList(ws: Socket, room: Room, to: number[], frame: string): void {
+    const stamp = ++sendStamp;
+    let missing: number[] | undefined;
+    let delivered = 0;
+    for (const index of to) {
+      const member = room.slots[index];
+      if (member?.ws) {
+        if (member.stamp === stamp) continue;
+        member.stamp = stamp;
+        delivered++;
+        deliver(member.ws, frame);
+      } else if (!missing?.includes(index)) {
+        (missing ??= []).push(index);
+      }
+    }
+    if (delivered > 0) countTargeted(frame, delivered);
+    if (missing) sendError(ws, "target_not_found", undefined, { missing });
+  }
+
+  function handleSetState(ws: Socket, stateJson: string): void {
+    const { room, member } = ws.data;
+    if (!room || !member) return sendError(ws, "not_in_room");
+    if (member.index !== 0) return sendError(ws, "not_host", "Only the host can set state");
+    room.stateFrame = `{"type":"state","data":${stateJson}}`;
+    publish(room, ws, room.stateFrame);
+  }
+
+  function handleCloseRoom(ws: Socket): void {
+    const { room, member } = ws.data;
+    if (!room || !member) return sendError(ws, "not_in_room");
+    if (member.index !== 0) return sendError(ws, "not_host", "Only the host can close the room");
+    closeRoom(room, "closed_by_host");
+  }
+
+  /** Leave for good: the slot is released, and its clientId can no longer reclaim it. */
+  function handleLeave(ws: Socket): void {
+    const { room, member } = ws.data;
+    if (!room || !member) return sendError(ws, "not_in_room");
+    if (member.index === 0) return closeRoom(room, "host_left");
+    room.byClientId.delete(member.clientId);
+    vacate(room, member, ws);
+    deliver(ws, JSON.stringify({ type: "left", room: room.code }));
+  }
+
+  function handlePing(ws: Socket, msg: PingMessage): void {
+    deliver(ws, JSON.stringify({ type: "pong", id: msg.id, t: Date.now() }));
+  }
+
+  function dispatch(ws: Socket, msg: Valid): void {
+    switch (msg.type) {
+      case "send":
+        return handleSend(ws, msg as SendMessage & { dataJson: string | undefined });
+      case "create":
+        return handleCreate(ws, msg);
+      case "join":
+        return handleJoin(ws, msg);
+      case "set_state":
+        return handleSetState(ws, msg.stateJson);
+      case "close_room":
+        return handleCloseRoom(ws);
+      case "leave":
+        return handleLeave(ws);
+      case "ping":
+        return handlePing(ws, msg);
+    }
+  }
+
+  const maxSlotsPerRoom = 4 * options.maxRoomClients;
+
+  // ------------------------------------------------------------ frames in
+
+  /** Token bucket: refilled lazily from the clock, so no timer per connection. */
+  function allowFrame(conn: Conn, nowMs: number): boolean {
+    if (options.rateLimitPerSec === 0) return true;
+    const elapsedMs = nowMs - conn.bucketAtMs;
+    if (elapsedMs > 0) {
+      conn.tokens = Math.min(options.rateLimitBurst, conn.tokens + (elapsedMs * options.rateLimitPerSec) / 1000);
+      conn.bucketAtMs = nowMs;
+    }
+    if (conn.tokens < 1) return false;
+    conn.tokens -= 1;
+    return true;
+  }
+
+  function onFrame(ws: Socket, raw: string | Buffer): void {
+    const conn = ws.data;
+    const nowMs = Date.now();
+    conn.lastSeenMs = nowMs;
+    if (!allowFrame(conn, nowMs)) {
+      counters.rateLimitedFrames++;
+      if (nowMs - conn.rateErrorAtMs >= 1000) {
+        conn.rateErrorAtMs = nowMs;
+        sendError(ws, "rate_limited");
+      }
+      return;
+    }
+    if (typeof raw !== "string") return sendError(ws, "binary_unsupported");
+    // A UTF-16 length times 3 bounds the UTF-8 size, so most frames skip the count.
+    if (raw.length * 3 > options.maxMessageBytes && utf8Bytes(raw) > options.maxMessageBytes) {
+      sendError(ws, "message_too_large", `Message larger than ${options.maxMessageBytes} bytes`);
+      log.warn("abuse_close", { reason: "message_too_large", code: CLOSES.tooLarge.code });
+      return evict(ws, "tooLarge");
+    }
+    const msg = parseFrame(raw, options);
+    if ("reject" in msg) return sendError(ws, msg.reject, msg.message);
+    dispatch(ws, msg);
+  }
+
+  function onOpen(ws: Socket): void {
+    const conn = ws.data;
+    conns.add(ws);
+    originTotals(counters, conn.origin).connections++;
+    const count = (connectionsByIp.get(conn.ip) ?? 0) + 1;
+    connectionsByIp.set(conn.ip, count);
+    if (count > options.maxConnectionsPerIp) {
+      log.warn("abuse_close", { reason: "too_many_connections", code: CLOSES.policy.code });
+      recordClose(ws, "policy");
+    }
+  }
+
+  function onClose(ws: Socket): void {
+    conns.delete(ws);
+    const { ip, room, member } = ws.data;
+    const left = (connectionsByIp.get(ip) ?? 1) - 1;
+    if (left > 0) connectionsByIp.set(ip, left);
+    else connectionsByIp.delete(ip);
+    if (room && member && member.ws === ws) vacate(room, member, ws);
+  }
+
+  // ------------------------------------------------------------ heartbeat
+
+  /**
+   * One timer for the whole process. Bun resets its idle timer on every send,
+   * so in a busy room a vanished phone would never be pinged; instead we
+   * track the last frame or pong from each client, ping the quiet ones and
+   * close the silent ones with 4003.
+   */
+  const heartbeat = setInterval(() => {
+    const nowMs = Date.now();
+    for (const ws of conns) {
+      const silentMs = nowMs - ws.data.lastSeenMs;
+      if (silentMs > options.heartbeatTimeoutMs) {
+        log.info("abuse_close", { reason: "unresponsive", code: CLOSES.unresponsive.code });
+        evict(ws, "unresponsive");
+      } else if (silentMs >= options.heartbeatIntervalMs) {
+        ws.ping();
+      }
+    }
+  }, options.heartbeatIntervalMs);
+  heartbeat.unref();
+
+  // ------------------------------------------------------------ HTTP
+
+  const corsHeaders = { "Access-Control-Allow-Origin": "*" };
+  const json = (body: unknown, status = 200, headers: Record<string, string> = {}) =>
+    Response.json(body, { status, headers: { ...corsHeaders, ...headers } });
+  const text = (body: string, contentType: string, status = 200, headers: Record<string, string> = {}) =>
+    new Response(body, { status, headers: { ...corsHeaders, "Content-Type": contentType, ...headers } });
+
+  const clientJs = new Bun.Transpiler({ loader: "ts", target: "browser" }).transformSync(clientSource);
+  const clientEtag = `"${Bun.hash(clientJs).toString(36)}"`;
+
+  function serveClient(req: Request): Response {
+    if (req.headers.get("if-none-match") === clientEtag) {
+      return new Response(null, { status: 304, headers: { ...corsHeaders, ETag: clientEtag } });
+    }
+    return text(clientJs, "text/javascript; charset=utf-8", 200, { ETag: clientEtag, "Cache-Control": "no-cache" });
+  }
+
+  function roomInfo(rawCode: string): Response {
+    let code: string;
+    try {
+      code = decodeURIComponent(rawCode);
+    } catch {
+      return json({ error: "Bad room code" }, 400, { "X-Instance-Id": instanceId });
+    }
+    const room = rooms.get(code);
+    if (!room) return json({ error: "Room not found" }, 404, { "X-Instance-Id": instanceId });
+    const body = { clients: room.present, maxClients: room.maxClients, origin: room.origin, url: room.url };
+    return json(body, 200, { "X-Instance-Id": instanceId });
+  }
+
+  function statusSnapshot(req: Request): Response {
+    if (options.dashboardUrl) return new Response(null, { status: 302, headers: { ...corsHeaders, Location: options.dashboardUrl } });
+    const { rooms: roomCount, clients } = stats();
+    return text(`rooms: ${roomCount}\nclients: ${clients}\n`, "text/plain; charset=utf-8");
+  }
+
+  const routes: Record<string, (req: Request) => Response> = {
+    "/health": () => json({ status: "ok" }),
+    "/metrics": () => text(renderMetrics(), "text/plain; version=0.0.4; charset=utf-8"),
+    "/client.js": serveClient,
+  };
+
+  function clientIp(req: Request, srv: Server<Conn>): string {
+    if (options.flyAppName) {
+      const flyIp = req.headers.get("fly-client-ip");
+      if (flyIp) return flyIp;
+    }
+    return srv.requestIP(req)?.address ?? "unknown";
+  }
+
+  function upgrade(req: Request, srv: Server<Conn>): Response | undefined {
+    const nowMs = Date.now();
+    const origin = (req.headers.get("origin") || "unknown").slice(0, 200);
+    const conn: Conn = {
+      ip: clientIp(req, srv),
+      origin,
+      room: null,
+      member: null,
+      tokens: options.rateLimitBurst,
+      bucketAtMs: nowMs,
+      rateErrorAtMs: 0,
+      lastSeenMs: nowMs,
+    };
+    if (srv.upgrade(req, { data: conn })) return undefined;
+    return text("Expected a WebSocket upgrade\n", "text/plain", 400);
+  }
+
+  function fetch(req: Request, srv: Server<Conn>): Response | undefined {
+    const url = new URL(req.url);
+    if (req.headers.get("upgrade")?.toLowerCase() === "websocket") return upgrade(req, srv);
+    const route = routes[url.pathname];
+    if (route) return route(req);
+    if (url.pathname.startsWith("/room/")) return roomInfo(url.pathname.slice("/room/".length));
+    return statusSnapshot(req);
+  }
+
+  // ------------------------------------------------------------ metrics
+
+  function stats(): { rooms: number; clients: number } {
+    let clients = 0;
+    for (const room of rooms.values()) clients += room.present;
+    return { rooms: rooms.size, clients };
+  }
+
+  function renderMetrics(): string {
+    const base = `instance="${escapeLabel(instanceId)}",region="${escapeLabel(regionLabel)}",version="${escapeLabel(VERSION)}"`;
+    const out: string[] = [];
+    const family = (name: string, type: "gauge" | "counter", help: string, samples: [string, number][]) => {
+      out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+      for (const [labels, value] of samples) out.push(`${name}{${base}${labels}} ${value}`);
+    };
+    const one = (value: number): [string, number][] => [["", value]];
+    const byLabel = <K>(label: string, map: Map<K, number>): [string, number][] =>
+      [...map].map(([k, v]) => [`,${label}="${escapeLabel(String(k))}"`, v]);
+
+    const live = new Map<string, { rooms: number; clients: number }>();
+    for (const room of rooms.values()) {
+      const entry = live.get(room.origin) ?? { rooms: 0, clients: 0 };
+      entry.rooms++;
+      entry.clients += room.present;
+      live.set(room.origin, entry);
+    }
+    const { rooms: roomCount, clients } = stats();
+    const originSeries = rankOrigins(live);
+    const originSamples = (value: (o: string) => number): [string, number][] =>
+      originSeries.map((names) => [`,origin="${escapeLabel(names.label)}"`, names.members.reduce((s, o) => s + value(o), 0)]);
+    const memory = process.memoryUsage();
+
+    family("party_sockets_clients", "gauge", "Present room members on this machine", one(clients));
+    family("party_sockets_rooms", "gauge", "Live rooms on this machine", one(roomCount));
+    family("party_sockets_clients_by_origin", "gauge", "Present members by page origin", originSamples((o) => live.get(o)?.clients ?? 0));
+    family("party_sockets_rooms_by_origin", "gauge", "Live rooms by page origin", originSamples((o) => live.get(o)?.rooms ?? 0));
+    family("party_sockets_connections_total", "counter", "WebSocket connections opened since start, by origin", originSamples((o) => counters.origins.get(o)?.connections ?? 0));
+    family("party_sockets_rooms_created_total", "counter", "Rooms created since start, by origin", originSamples((o) => counters.origins.get(o)?.rooms ?? 0));
+    family("party_sockets_origins_tracked", "gauge", "Origins with their own totals (capped)", one(counters.origins.size));
+    family("party_sockets_open_connections", "gauge", "Open WebSocket connections, in a room or not", one(conns.size));
+    family("party_sockets_draining", "gauge", "1 while the relay drains for shutdown", one(draining ? 1 : 0));
+    family("party_sockets_messages_relayed_total", "counter", "Relayed send frames by kind", [
+      [`,kind="broadcast"`, counters.relayedBroadcast],
+      [`,kind="targeted"`, counters.relayedTargeted],
+    ]);
+    family("party_sockets_deliveries_total", "counter", "Relayed message frames handed to recipients", one(counters.deliveries));
+    family("party_sockets_bytes_relayed_total", "counter", "Bytes of relayed message frames handed to recipients", one(counters.bytesRelayed));
+    family("party_sockets_rate_limited_frames_total", "counter", "Frames dropped by the rate limit", one(counters.rateLimitedFrames));
+    family("party_sockets_errors_total", "counter", "Error frames sent, by code", byLabel("code", counters.errors));
+    family("party_sockets_closes_total", "counter", "Closes the relay initiated, by close code", byLabel("code", counters.closes));
+    family("process_resident_memory_bytes", "gauge", "Resident set size", one(memory.rss));
+    family("process_heap_used_bytes", "gauge", "JavaScript heap in use", one(memory.heapUsed));
+    family("process_uptime_seconds", "gauge", "Seconds since the relay started", one((Date.now() - startedAtMs) / 1000));
+    return out.join("\n") + "\n";
+  }
+
+  /** The busiest origins get a series each; the rest are summed under `__other__`. */
+  function rankOrigins(live: Map<string, { clients: number }>): { label: string; members: string[] }[] {
+    const names = new Set([...live.keys(), ...counters.origins.keys()]);
+    const score = (o: string) => (live.get(o)?.clients ?? 0) * 1e9 + (counters.origins.get(o)?.connections ?? 0);
+    const ranked = [...names].sort((a, b) => score(b) - score(a));
+    const own = ranked.slice(0, options.maxOriginSeries).filter((o) => o !== OTHER_ORIGIN);
+    const rest = ranked.filter((o) => !own.includes(o));
+    const series = own.map((o) => ({ label: o, members: [o] }));
+    if (rest.length > 0) series.push({ label: OTHER_ORIGIN, members: rest });
+    return series;
+  }
+
+  // ------------------------------------------------------------ lifecycle
+
+  const server: Server<Conn> = Bun.serve<Conn>({
+    port: options.port,
+    hostname: options.hostname,
+    tls: options.tls ? { cert: Bun.file(options.tls.certFile), key: Bun.file(options.tls.keyFile) } : undefined,
+    fetch,
+    error(err) {
+      log.error("http_error", { message: String(err) });
+      return text("Internal error\n", "text/plain", 500);
+    },
+    websocket: {
+      // Bun's own limits sit above ours so that ours act first with a clear
+      // code: frames up to 4x the limit get `message_too_large` + 1009 from us
+      // (bigger ones Bun cuts off with a bare 1009); and Bun would silently
+      // drop sends past its backpressure limit, so it must never be reached.
+      maxPayloadLength: options.maxMessageBytes * 4,
+      backpressureLimit: options.backpressureLimitBytes + 8 * options.maxMessageBytes,
+      closeOnBackpressureLimit: false,
+      // Liveness is the heartbeat sweep's job (see above).
+      idleTimeout: 0,
+      sendPings: false,
+      open: onOpen,
+      message: onFrame,
+      close: onClose,
+      pong(ws) {
+        ws.data.lastSeenMs = Date.now();
+      },
+    },
+  });
+
+  const port = server.port ?? options.port;
+  const scheme = options.tls ? "https" : "http";
+  log.info("start", {
+    port,
+    instance: instanceId,
+    region,
+    version: VERSION,
+    maxMessageBytes: options.maxMessageBytes,
+    rateLimitPerSec: options.rateLimitPerSec,
+    backpressureLimitBytes: options.backpressureLimitBytes,
+    hostGraceMs: options.hostGraceMs,
+    drainTimeoutMs: options.drainTimeoutMs,
+  });
+
+  function drain(): Promise<void> {
+    drainPromise ??= new Promise<void>((resolve) => {
+      draining = true;
+      log.info("drain_start", { rooms: rooms.size });
+      drained = () => {
+        clearTimeout(drainTimer);
+        log.info("drain_end", { rooms: rooms.size });
+        resolve();
+      };
+      if (rooms.size === 0) return drained();
+      if (options.drainTimeoutMs > 0) {
+        drainTimer = setTimeout(() => {
+          for (const room of [...rooms.values()]) closeRoom(room, "drain_timeout", "shutdown");
+        }, options.drainTimeoutMs);
+      }
+    });
+    return drainPromise;
+  }
+
+  async function stop(): Promise<void> {
+    clearInterval(heartbeat);
+    clearTimeout(drainTimer);
+    for (const room of rooms.values()) clearTimeout(room.hostGraceTimer);
+    await server.stop(true);
+  }
+
+  return {
+    url: `${scheme}://127.0.0.1:${port}`,
+    wsUrl: `${scheme === "https" ? "wss" : "ws"}://127.0.0.1:${port}`,
+    port,
+    instanceId,
+    region,
+    stats,
+    drain,
+    stop,
+  };
+}
+
+// ================================================================ run directly
+
+if (import.meta.main) {
+  const relay = startRelay(optionsFromEnv());
+  const shutdown = async () => {
+    await relay.drain();
+    await relay.stop();
+    process.exit(0);
+  };
+  process.on("SIGTERM", shutdown);
+  process.on("SIGINT", shutdown);
+}
