@@ -20,7 +20,8 @@
 //   churn            --lanes parallel loops of: connect, create, 3 joins, one broadcast, all close
 //   idle             --idle-conns connections in rooms of --idle-room-size, then sit still
 
-import { Conn, State, buildTextFrame, frameHeaderLength, payloadText, utf8, wsStats, type WsHandler } from "./ws.ts";
+import { Conn, State, payloadText, wsStats, type WsHandler } from "./ws.ts";
+import { Histogram, benchFrame, nowUs, parsed, readBench, readBenchData, stampFrame } from "./msg.ts";
 import { coreBusy, coreTicks, loadavg, processCpuUs, processRssBytes, type CoreTicks } from "./proc.ts";
 
 // ------------------------------------------------------------------ options
@@ -95,79 +96,9 @@ function parseArgs(argv: string[]): LoadOptions {
   return o;
 }
 
-// ------------------------------------------------------------- bench frames
-
-/** Sequence numbers and timestamps are written as fixed-width digits (valid compact JSON, no padding). */
-const SEQ_BASE = 1_000_000_000; // 10 digits
-const TS_BASE = 100_000_000_000_000; // 15 digits of µs
-const SRC_BASE = 100; // 3 digits: slots 0..899
-const T0 = performance.now();
-
-function nowUs(): number {
-  return Math.floor((performance.now() - T0) * 1000);
-}
-
-interface BenchFrame {
-  frame: Uint8Array;
-  seqAt: number;
-  tsAt: number;
-}
-
-/** `{"type":"send"[,"to":N],"data":{"seq":…,"ts":…,"src":…,"kind":"bench","pad":"…"}}` with data ≈ dataBytes. */
-function benchFrame(slot: number, to: number, dataBytes: number): BenchFrame {
-  const head = `{"seq":${SEQ_BASE},"ts":${TS_BASE},"src":${SRC_BASE + slot},"kind":"bench","pad":"`;
-  const pad = "x".repeat(Math.max(0, dataBytes - head.length - 2));
-  const data = head + pad + '"}';
-  const text = `{"type":"send",${to >= 0 ? `"to":${to},` : ""}"data":${data}}`;
-  const payload = utf8(text);
-  const hdr = frameHeaderLength(payload.length);
-  return {
-    frame: buildTextFrame(payload),
-    seqAt: hdr + text.indexOf('"seq":') + 6,
-    tsAt: hdr + text.indexOf('"ts":') + 5,
-  };
-}
-
-function writeDigits(buf: Uint8Array, at: number, width: number, value: number): void {
-  for (let i = width - 1; i >= 0; i--) {
-    const q = Math.floor(value / 10);
-    buf[at + i] = 48 + (value - q * 10);
-    value = q;
-  }
-}
-
-// ---------------------------------------------------------- latency histogram
-
-/** Log-linear buckets: exact below 128 µs, then 64 sub-buckets per power of two (≤ 1.6 % error). */
-const HIST_SIZE = 128 + 25 * 64;
-function bucketOf(us: number): number {
-  if (us < 128) return us < 0 ? 0 : us;
-  const e = 31 - Math.clz32(us);
-  const idx = 128 + (e - 7) * 64 + ((us >>> (e - 6)) & 63);
-  return idx < HIST_SIZE ? idx : HIST_SIZE - 1;
-}
-function bucketValue(idx: number): number {
-  if (idx < 128) return idx;
-  const e = 7 + Math.floor((idx - 128) / 64);
-  const m = (idx - 128) % 64;
-  return (64 + m + 0.5) * 2 ** (e - 6);
-}
-function percentile(h: Uint32Array, p: number): number {
-  let total = 0;
-  for (let i = 0; i < h.length; i++) total += h[i]!;
-  if (total === 0) return NaN;
-  const want = Math.ceil(total * p);
-  let seen = 0;
-  for (let i = 0; i < h.length; i++) {
-    seen += h[i]!;
-    if (seen >= want) return bucketValue(i);
-  }
-  return NaN;
-}
-
 // ------------------------------------------------------------------ state
 
-const hist = new Uint32Array(HIST_SIZE);
+const hist = new Histogram();
 const stats = {
   measuring: false,
   stopping: false,
@@ -203,7 +134,7 @@ class Client {
   sent = 0;
   /** Targeted: the slot this client sends to; -1 for broadcast. */
   target = -1;
-  bench: BenchFrame | null = null;
+  bench: ReturnType<typeof benchFrame> | null = null;
   waiter: Waiter | null = null;
   onOpen: ((c: Conn<Client>) => void) | null = null;
   onClosed: ((c: Conn<Client>) => void) | null = null;
@@ -220,10 +151,8 @@ function count(map: Record<string, number>, key: string): void {
 function sendBench(c: Conn<Client>, t: number): void {
   const u = c.user;
   const b = u.bench!;
-  const at = c.appendFrame(b.frame);
-  const out = c.outBuf;
-  writeDigits(out, at + b.seqAt, 10, SEQ_BASE + u.sent);
-  writeDigits(out, at + b.tsAt, 15, TS_BASE + t);
+  const at = c.appendFrame(b.frame); // may move outBuf: read it after
+  stampFrame(c.outBuf, at, b, u.sent, t);
   u.sent++;
   stats.sent++;
   stats.expected += u.target >= 0 ? 1 : u.room!.size - 1;
@@ -243,28 +172,8 @@ function received(c: Conn<Client>, src: number, seq: number, ts: number, now: nu
     else stats.reordered++;
   }
   u.recv[src] = seq + 1;
-  if (stats.measuring) hist[bucketOf(now - ts)]!++;
+  if (stats.measuring) hist.add(now - ts);
   if (u.onMessage !== null) u.onMessage(c, src, seq);
-}
-
-function readInt(buf: Uint8Array, i: number, end: number): number {
-  let v = 0;
-  for (; i < end; i++) {
-    const d = buf[i]! - 48;
-    if (d < 0 || d > 9) break;
-    v = v * 10 + d;
-  }
-  return v;
-}
-
-/** Index just past `"seq":` in buf[from..end), or -1. */
-function findSeq(buf: Uint8Array, from: number, end: number): number {
-  for (let i = from + 3; i < end - 2; i++) {
-    if (buf[i] === 113 && buf[i + 1] === 34 && buf[i + 2] === 58 && buf[i - 1] === 101 && buf[i - 2] === 115 && buf[i - 3] === 34) {
-      return i + 3;
-    }
-  }
-  return -1;
 }
 
 // Per data callback the clock is read once: frames in one chunk arrived together.
@@ -278,22 +187,14 @@ const handler: WsHandler<Client> = {
     if (f) f(c);
   },
   text(c, buf, s, e) {
-    // `{"type":"message",…` (ours) or `{"type":"send",…` (the floor): the fast path.
-    const t0 = buf[s + 9];
-    if (buf[s + 2] === 116 && buf[s + 10] === 101 && (t0 === 109 || t0 === 115)) {
-      const q = findSeq(buf, s + 14, e);
-      if (q > 0 && buf[q + 10] === 44) {
-        // `"seq":NNNNNNNNNN,"ts":TTTTTTTTTTTTTTT,"src":SSS` — fixed widths unless a server rewrote them.
-        const seq = readInt(buf, q, q + 10) - SEQ_BASE;
-        const ts = readInt(buf, q + 16, q + 31) - TS_BASE;
-        const src = readInt(buf, q + 38, q + 41) - SRC_BASE;
-        if (chunkNowAt !== wsStats.chunks) {
-          chunkNow = nowUs();
-          chunkNowAt = wsStats.chunks;
-        }
-        received(c, src, seq, ts, chunkNow);
-        return;
+    // `{"type":"message",…` (ours) or `{"type":"send",…` (the floor): no string, no object.
+    if (readBench(buf, s, e)) {
+      if (chunkNowAt !== wsStats.chunks) {
+        chunkNow = nowUs();
+        chunkNowAt = wsStats.chunks;
       }
+      received(c, parsed.src, parsed.seq, parsed.ts, chunkNow);
+      return;
     }
     control(c, payloadText(buf, s, e));
   },
@@ -324,10 +225,9 @@ function control(c: Conn<Client>, text: string): void {
   const type = msg.type;
   if (type === "message" || type === "send") {
     // A relayed message in a layout the fast path does not know: slower, still counted.
-    const data = msg.data as { seq?: number; ts?: number; src?: number } | undefined;
-    if (data && typeof data.seq === "number" && typeof data.ts === "number" && typeof data.src === "number") {
+    if (readBenchData(msg.data)) {
       stats.slowFrames++;
-      received(c, data.src - SRC_BASE, data.seq - SEQ_BASE, data.ts - TS_BASE, nowUs());
+      received(c, parsed.src, parsed.seq, parsed.ts, nowUs());
     }
     return;
   }
@@ -513,9 +413,9 @@ function summarize(o: LoadOptions, a: Sample, b: Sample, loadAtStart: string): L
       genCore: o.genCore >= 0 ? Math.max(0, (busyPct[o.genCore] ?? 0) - genPct) : NaN,
       serverCore: o.serverCore >= 0 ? Math.max(0, (busyPct[o.serverCore] ?? 0) - serverPct) : NaN,
     },
-    latencyP50Us: percentile(hist, 0.5),
-    latencyP99Us: percentile(hist, 0.99),
-    latencyMaxUs: percentile(hist, 1),
+    latencyP50Us: hist.percentile(0.5),
+    latencyP99Us: hist.percentile(0.99),
+    latencyMaxUs: hist.percentile(1),
     deliveryRatio: stats.expected > 0 ? stats.delivered / stats.expected : NaN,
     gaps: stats.gaps,
     reordered: stats.reordered,
@@ -532,7 +432,7 @@ function summarize(o: LoadOptions, a: Sample, b: Sample, loadAtStart: string): L
 /** Warm up, then measure one window; `stop` ends the load before the drain. */
 async function measure(o: LoadOptions, loadAtStart: string, stop: () => void): Promise<LoadResult> {
   await sleep(o.warmupS * 1000);
-  hist.fill(0);
+  hist.clear();
   stats.measuring = true;
   const a = sample(o);
   await sleep(o.durationS * 1000);
@@ -641,7 +541,7 @@ async function churn(o: LoadOptions, loadAtStart: string): Promise<LoadResult> {
       await closeAll(all);
       if (stats.measuring) {
         cycles++;
-        hist[bucketOf(Math.round((performance.now() - began) * 1000))]!++;
+        hist.add(Math.round((performance.now() - began) * 1000));
       }
     }
   };
