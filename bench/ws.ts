@@ -117,6 +117,11 @@ export class Conn<U> {
     this.appendFrame(buildTextFrame(encoder.encode(text)));
   }
 
+  /** Send a binary frame (the relay answers `binary_unsupported`). */
+  sendBinary(bytes: Uint8Array): void {
+    this.appendFrame(buildFrame(bytes, 2));
+  }
+
   /** Start the close handshake. */
   close(code = 1000): void {
     if (this.state >= State.Closing) return;
@@ -341,10 +346,15 @@ const EMPTY = new Uint8Array(0);
 
 /** A complete masked (zero key) text frame around `payload`. */
 export function buildTextFrame(payload: Uint8Array): Uint8Array {
+  return buildFrame(payload, 1);
+}
+
+/** A complete masked (zero key) frame with `opcode` (1 text, 2 binary) around `payload`. */
+export function buildFrame(payload: Uint8Array, opcode: number): Uint8Array {
   const n = payload.length;
   const hdr = n < 126 ? 6 : n < 65536 ? 8 : 14;
   const f = new Uint8Array(hdr + n);
-  f[0] = 0x81;
+  f[0] = 0x80 | opcode;
   if (n < 126) {
     f[1] = 0x80 | n;
   } else if (n < 65536) {
