@@ -11,7 +11,9 @@
 //   many sends costs one syscall per socket;
 // - masks with the all-zero key. RFC 6455 wants an unpredictable key (against proxy cache
 //   poisoning, irrelevant on loopback); the server still runs its unmask loop over every
-//   byte, so its cost is unchanged while the client skips the XOR.
+//   byte, so its cost is unchanged while the client skips the XOR. Likewise one
+//   Sec-WebSocket-Key per process (the server hashes whatever it gets; we check its answer
+//   against one precomputed accept value instead of a SHA-1 per connection).
 // - answers pings with pongs and completes the close handshake, letting the server close
 //   TCP first (TIME_WAIT then sits on the server side, not on our ephemeral ports).
 
@@ -35,6 +37,8 @@ export interface WsHandler<U> {
 }
 
 const encoder = new TextEncoder();
+const WS_KEY = Buffer.from(crypto.getRandomValues(new Uint8Array(16))).toString("base64");
+const WS_ACCEPT_HEADER = `sec-websocket-accept: ${new Bun.CryptoHasher("sha1").update(WS_KEY + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest("base64")}`.toLowerCase();
 const decoder = new TextDecoder();
 
 const dirty: Conn<unknown>[] = [];
@@ -75,7 +79,6 @@ export class Conn<U> {
   private inBuf: Uint8Array = EMPTY;
   private inLen = 0;
   private closeSent = false;
-  private key = "";
 
   constructor(
     readonly handler: WsHandler<U>,
@@ -226,12 +229,9 @@ export class Conn<U> {
   }
 
   private handshakeRequest(): string {
-    const nonce = new Uint8Array(16);
-    crypto.getRandomValues(nonce);
-    this.key = Buffer.from(nonce).toString("base64");
     return (
       `GET ${this.path} HTTP/1.1\r\nHost: ${this.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
-      `Sec-WebSocket-Key: ${this.key}\r\nSec-WebSocket-Version: 13\r\n\r\n`
+      `Sec-WebSocket-Key: ${WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n`
     );
   }
 
@@ -279,8 +279,7 @@ export class Conn<U> {
     }
     if (i >= end) return 0;
     const head = decoder.decode(buf.subarray(0, i + 1));
-    const accept = new Bun.CryptoHasher("sha1").update(this.key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest("base64");
-    if (!head.startsWith("HTTP/1.1 101") || !head.toLowerCase().includes(`sec-websocket-accept: ${accept.toLowerCase()}`)) {
+    if (!head.startsWith("HTTP/1.1 101") || !head.toLowerCase().includes(WS_ACCEPT_HEADER)) {
       wsStats.handshakeErrors++;
       this.closeReason = head.split("\r\n", 1)[0] ?? "bad handshake";
       this.sock?.terminate();
