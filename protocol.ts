@@ -81,6 +81,12 @@ export interface JoinedMessage {
   instance: string;
   region: string;
   url?: string;
+  /** The room's latest `seq` at the time of joining. */
+  seq: number;
+  /** Only when `join` carried `resume`: whether every missed frame follows. */
+  resumed?: boolean;
+  /** With `resumed: false`: the oldest `seq` the relay still holds. */
+  oldest?: number;
 }
 export interface PeerJoinedMessage {
   type: "peer_joined";
@@ -93,10 +99,13 @@ export interface PeerLeftMessage {
 export interface RelayedMessage {
   type: "message";
   from: number;
+  /** Per-room sequence number, the same for every recipient (lossless reconnect). */
+  seq: number;
   data?: unknown;
 }
 export interface StateMessage {
   type: "state";
+  seq: number;
   data: unknown;
 }
 export interface LeftMessage {
@@ -126,6 +135,7 @@ export const ERRORS = {
   invalid_client_id: "clientId is required",
   invalid_max_clients: "maxClients must be a positive number",
   invalid_room: "room is required",
+  invalid_resume: "resume must be a non-negative integer",
   invalid_url: "url must be an https URL",
   room_not_found: "Room not found",
   room_full: "Room is full",

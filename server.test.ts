@@ -203,7 +203,7 @@ describe("send", () => {
     const a = await joinRoom(r, code);
     const b = await joinRoom(r, code);
     a.client.send({ type: "send", data: { n: 1, s: "é" } });
-    for (const c of [host, b.client]) expect(await c.next("message")).toEqual({ type: "message", from: 1, data: { n: 1, s: "é" } });
+    for (const c of [host, b.client]) expect(await c.next("message")).toEqual({ type: "message", from: 1, seq: 1, data: { n: 1, s: "é" } });
     await a.client.barrier();
     expect(a.client.pending("message")).toEqual([]);
   });
@@ -214,9 +214,9 @@ describe("send", () => {
     const a = await joinRoom(r, code);
     const b = await joinRoom(r, code);
     host.send({ type: "send", to: 2, data: "for b" });
-    expect(await b.client.next("message")).toEqual({ type: "message", from: 0, data: "for b" });
+    expect(await b.client.next("message")).toEqual({ type: "message", from: 0, seq: 1, data: "for b" });
     host.send({ type: "send", to: 0, data: "self" });
-    expect(await host.next("message")).toEqual({ type: "message", from: 0, data: "self" });
+    expect(await host.next("message")).toEqual({ type: "message", from: 0, seq: 2, data: "self" });
     await a.client.barrier();
     expect(a.client.pending("message")).toEqual([]);
   });
@@ -226,8 +226,8 @@ describe("send", () => {
     const { host, code } = await createRoom(r);
     const a = await joinRoom(r, code);
     host.send({ type: "send", to: [1, 1, 7, 0, 7], data: "hi" });
-    expect(await a.client.next("message")).toEqual({ type: "message", from: 0, data: "hi" });
-    expect(await host.next("message")).toEqual({ type: "message", from: 0, data: "hi" });
+    expect(await a.client.next("message")).toEqual({ type: "message", from: 0, seq: 1, data: "hi" });
+    expect(await host.next("message")).toEqual({ type: "message", from: 0, seq: 1, data: "hi" });
     expect(await host.error("target_not_found")).toEqual({
       type: "error",
       code: "target_not_found",
@@ -266,7 +266,7 @@ describe("send", () => {
     for (const data of values) host.send({ type: "send", data });
     for (const data of values) expect((await a.client.next("message")).data).toEqual(data);
     host.send({ type: "send" });
-    expect(await a.client.next("message")).toEqual({ type: "message", from: 0 });
+    expect(await a.client.next("message")).toEqual({ type: "message", from: 0, seq: values.length + 1 });
   });
 
   test("frames from one sender arrive in order", async () => {
@@ -302,14 +302,14 @@ describe("state", () => {
     const { host, code } = await createRoom(r);
     const a = await joinRoom(r, code);
     host.send({ type: "set_state", data: { round: 2 } });
-    expect(await a.client.next("state")).toEqual({ type: "state", data: { round: 2 } });
+    expect(await a.client.next("state")).toEqual({ type: "state", seq: 1, data: { round: 2 } });
     host.send({ type: "set_state", data: null });
-    expect(await a.client.next("state")).toEqual({ type: "state", data: null });
+    expect(await a.client.next("state")).toEqual({ type: "state", seq: 2, data: null });
     const b = await TestClient.connect(r.wsUrl);
     b.send({ type: "join", clientId: "b", room: code });
     await b.next("joined");
     await b.next("state");
-    expect(b.raw).toEqual([expect.stringContaining('"joined"'), JSON.stringify({ type: "state", data: null })]);
+    expect(b.raw).toEqual([expect.stringContaining('"joined"'), JSON.stringify({ type: "state", seq: 2, data: null })]);
     await host.barrier();
     expect(host.pending("state")).toEqual([]);
   });
@@ -954,5 +954,182 @@ describe("limits and abuse", () => {
     await host.barrier();
     expect(host.pending("peer_left")).toEqual([]);
     expect(quiet.client.ws.readyState).toBe(WebSocket.OPEN);
+  });
+});
+
+// Lossless reconnect (issue 9): seq on every relayed frame, a bounded ring, join with resume.
+describe("resume", () => {
+  const seqs = (frames: Record<string, any>[]) => frames.map((f) => f.seq);
+
+  test("every relayed message and state carries one per-room seq, the same for every recipient", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    const b = await joinRoom(r, code);
+    host.send({ type: "send", data: 1 });
+    await b.client.next("message");
+    a.client.send({ type: "send", to: 2, data: 2 });
+    await b.client.next("message");
+    host.send({ type: "set_state", data: 3 });
+    await b.client.next("state");
+    expect(seqs([await a.client.next("message"), await a.client.next("state")])).toEqual([1, 3]);
+    expect(seqs(b.client.raw.slice(1).map((t) => JSON.parse(t)))).toEqual([1, 2, 3]);
+    const late = await joinRoom(r, code);
+    expect(late.joined.seq).toBe(3);
+  });
+
+  test("after a clean close, resume replays exactly the missed frames in order, then live traffic", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "phone");
+    const other = await joinRoom(r, code);
+    host.send({ type: "send", data: "m1" });
+    const last = (await a.client.next("message")).seq;
+    a.client.close();
+    await host.next("peer_left");
+    host.send({ type: "send", data: "m2" });
+    await other.client.next("message");
+    other.client.send({ type: "send", data: "m3" });
+    await host.next("message");
+    host.send({ type: "send", to: [1, 2], data: "m4" }); // slot 1 is away: reported missing, not kept for it
+    await host.error("target_not_found");
+    host.send({ type: "set_state", data: "s5" });
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "phone", room: code, resume: last });
+    const joined = await back.next("joined");
+    expect(joined).toMatchObject({ index: 1, resumed: true, seq: 5 });
+    expect(joined.oldest).toBeUndefined();
+    await back.barrier();
+    const replayed = back.frames.splice(0).filter((f) => f.type === "message" || f.type === "state");
+    expect(replayed.map((f) => [f.type, f.seq, f.data])).toEqual([
+      ["message", 2, "m2"],
+      ["message", 3, "m3"],
+      ["state", 5, "s5"],
+    ]);
+    host.send({ type: "send", data: "m6" });
+    expect(await back.next("message")).toMatchObject({ seq: 6, data: "m6" });
+  });
+
+  test("after a dead link (no close, unread frames), resume on a new socket replays what was lost in flight", async () => {
+    const r = relay({ rateLimitPerSec: 0 });
+    const { host, code } = await createRoom(r);
+    const other = await joinRoom(r, code);
+    const phone = await RawClient.connect(r.port);
+    phone.send({ type: "join", clientId: "phone", room: code });
+    await phone.until("joined", () => phone.texts.some((t) => t.includes('"joined"')));
+    host.send({ type: "send", data: "seen" });
+    await phone.until("the first message", () => phone.frames().some((f) => f.type === "message"));
+    const last = phone.frames().find((f) => f.type === "message")!.seq;
+    phone.pause(); // the phone's network is gone; the relay does not know yet
+    for (let i = 0; i < 20; i++) {
+      host.send({ type: "send", data: `b${i}` });
+      other.client.send({ type: "send", to: 2, data: `t${i}` });
+      other.client.send({ type: "send", to: 0, data: `not-for-phone${i}` });
+    }
+    await host.barrier();
+    await other.client.barrier();
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "phone", room: code, resume: last });
+    expect(await back.next("joined")).toMatchObject({ index: 2, resumed: true });
+    await back.barrier();
+    const got = back.frames.splice(0).filter((f) => f.type === "message");
+    // Two senders interleave freely; each one's frames keep their order, and seq only rises.
+    expect(got.filter((m) => m.from === 0).map((m) => m.data)).toEqual(Array.from({ length: 20 }, (_, i) => `b${i}`));
+    expect(got.filter((m) => m.from === 1).map((m) => m.data)).toEqual(Array.from({ length: 20 }, (_, i) => `t${i}`));
+    expect(got.map((m) => m.seq)).toEqual(got.map((m) => m.seq).sort((x, y) => x - y));
+    await host.barrier();
+    expect(host.pending("peer_left")).toEqual([]); // a replace: the others saw nothing
+  });
+
+  test("a resume the ring no longer covers says resumed: false with the oldest seq, and sends the snapshot", async () => {
+    const r = relay({ resumeRoomFrames: 5 });
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "phone");
+    host.send({ type: "set_state", data: "snap" });
+    const last = (await a.client.next("state")).seq;
+    a.client.close();
+    await host.next("peer_left");
+    for (let i = 0; i < 20; i++) host.send({ type: "send", data: i });
+    await host.barrier();
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "phone", room: code, resume: last });
+    expect(await back.next("joined")).toMatchObject({ resumed: false, oldest: 17, seq: 21 });
+    expect(await back.next("state")).toEqual({ type: "state", seq: 1, data: "snap" });
+    await back.barrier();
+    expect(back.pending("message")).toEqual([]);
+  });
+
+  test("resume on a fresh slot is resumed: false; without resume, joined has no resumed field", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    host.send({ type: "send", data: 1 });
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "join", clientId: "new", room: code, resume: 0 });
+    expect(await c.next("joined")).toMatchObject({ resumed: false });
+    const d = await joinRoom(r, code);
+    expect(d.joined.resumed).toBeUndefined();
+  });
+
+  test("a resume from before the slot existed replays nothing older than the slot", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    host.send({ type: "send", data: "before" });
+    await host.barrier();
+    const a = await joinRoom(r, code, "phone");
+    a.client.close();
+    await host.next("peer_left");
+    host.send({ type: "send", data: "after" });
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "phone", room: code, resume: 0 });
+    expect(await back.next("joined")).toMatchObject({ resumed: true });
+    await back.barrier();
+    expect(back.pending("message").map((m) => m.data)).toEqual(["after"]);
+  });
+
+  test.each([[-1], [1.5], ["3"], [null]])("resume %p is invalid_resume", async (resume) => {
+    const r = relay();
+    const { code } = await createRoom(r);
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "join", clientId: "x", room: code, resume });
+    expect(await c.error("invalid_resume")).toMatchObject({ message: "resume must be a non-negative integer" });
+  });
+
+  const bufferBytes = async (r: { url: string }) =>
+    Number(/party_sockets_resume_buffer_bytes\{[^}]*\} (\d+)/.exec(await (await fetch(`${r.url}/metrics`)).text())![1]);
+
+  test("the ring stays within its byte bounds under a flood, per room and per process", async () => {
+    const r = relay({ rateLimitPerSec: 0, resumeRoomBytes: 20_000, resumeTotalBytes: 30_000 });
+    const rooms = [await createRoom(r), await createRoom(r)];
+    for (const { code } of rooms) await joinRoom(r, code);
+    for (let i = 0; i < 500; i++) for (const { host } of rooms) host.send({ type: "send", data: "x".repeat(100) + i });
+    for (const { host } of rooms) await host.barrier();
+    const bytes = await bufferBytes(r);
+    expect(bytes).toBeGreaterThan(10_000);
+    expect(bytes).toBeLessThanOrEqual(30_000);
+  });
+
+  test("frames older than RESUME_WINDOW_MS are dropped even in a room that goes quiet", async () => {
+    const r = relay({ resumeWindowMs: 100, heartbeatIntervalMs: 50 });
+    const { host, code } = await createRoom(r);
+    await joinRoom(r, code);
+    host.send({ type: "send", data: "x".repeat(1000) });
+    await host.barrier();
+    expect(await bufferBytes(r)).toBeGreaterThan(1000);
+    await within((async () => { while ((await bufferBytes(r)) > 0) await Bun.sleep(25); })(), "the ring to age out");
+  });
+
+  test("resumes and replays are counted", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "phone");
+    a.client.close();
+    await host.next("peer_left");
+    host.send({ type: "send", data: 1 });
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "phone", room: code, resume: 0 });
+    await back.next("message");
+    const metrics = await (await fetch(`${r.url}/metrics`)).text();
+    expect(metrics).toMatch(/party_sockets_resumes_total\{[^}]*result="resumed"\} 1\n/);
+    expect(metrics).toMatch(/party_sockets_frames_replayed_total\{[^}]*\} 1\n/);
   });
 });

@@ -63,6 +63,12 @@ export interface RelayOptions {
   heartbeatTimeoutMs: number;
   /** Origins given their own metric series; the rest share `__other__`. */
   maxOriginSeries: number;
+  /** Lossless reconnect: how long a room keeps relayed frames for a `join` with `resume`; 0 disables. */
+  resumeWindowMs: number;
+  /** ...and at most this many frames and bytes per room, and bytes per process. */
+  resumeRoomFrames: number;
+  resumeRoomBytes: number;
+  resumeTotalBytes: number;
   tls?: { certFile: string; keyFile: string };
 }
 
@@ -90,6 +96,10 @@ export const DEFAULTS: Readonly<RelayOptions> = Object.freeze({
   heartbeatIntervalMs: 5_000,
   heartbeatTimeoutMs: 15_000,
   maxOriginSeries: 20,
+  resumeWindowMs: 30_000,
+  resumeRoomFrames: 4096,
+  resumeRoomBytes: 512 * 1024,
+  resumeTotalBytes: 64 * 1024 * 1024,
 });
 
 /** Env names for the numeric options; the README's table follows this list. */
@@ -109,6 +119,10 @@ const NUMERIC_ENV = {
   HEARTBEAT_INTERVAL_MS: "heartbeatIntervalMs",
   HEARTBEAT_TIMEOUT_MS: "heartbeatTimeoutMs",
   MAX_ORIGIN_SERIES: "maxOriginSeries",
+  RESUME_WINDOW_MS: "resumeWindowMs",
+  RESUME_ROOM_FRAMES: "resumeRoomFrames",
+  RESUME_ROOM_BYTES: "resumeRoomBytes",
+  RESUME_TOTAL_BYTES: "resumeTotalBytes",
 } as const satisfies Record<string, keyof RelayOptions>;
 
 const LOG_LEVELS: readonly LogLevel[] = ["debug", "info", "warn", "error", "silent"];
@@ -241,7 +255,9 @@ function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
       const bad = checkClientId(msg.clientId);
       if (bad) return bad;
       if (typeof msg.room !== "string" || msg.room.length === 0) return rejection("invalid_room");
-      return { type: "join", clientId: msg.clientId as string, room: msg.room };
+      const { resume } = msg;
+      if (resume !== undefined && !isSlot(resume)) return rejection("invalid_resume");
+      return { type: "join", clientId: msg.clientId as string, room: msg.room, resume };
     }
     case "set_state": {
       if (msg.data === undefined) return rejection("state_required");
@@ -275,6 +291,8 @@ interface Conn {
   rateErrorAtMs: number;
   /** Last frame or pong from the client: the heartbeat's evidence of life. */
   lastSeenMs: number;
+  /** The relay has closed this socket; its close handshake may still be in flight. */
+  closing: boolean;
 }
 
 /** A slot: its index is stable for the room's life and never given to another clientId. */
@@ -282,8 +300,10 @@ interface Member {
   index: number;
   clientId: string;
   ws: Socket | null;
-  /** `{"type":"message","from":N`: built once, so relaying is one concatenation. */
+  /** `{"type":"message","from":N,"seq":`: built once, so relaying is one concatenation. */
   messagePrefix: string;
+  /** The room's `seq` when this slot was created: nothing older was ever addressed to it. */
+  sinceSeq: number;
   /** Send-batch stamp, to deliver a `to: [...]` message once per slot without allocating. */
   stamp: number;
 }
@@ -301,8 +321,24 @@ interface Room {
   present: number;
   /** The last `set_state`, already serialised as a `state` frame. */
   stateFrame?: string;
+  /** Last sequence number given to a relayed frame. */
+  seq: number;
+  /** Recent relayed frames for `resume`, oldest first from `ringHead`. */
+  ring: RingEntry[];
+  ringHead: number;
+  ringBytes: number;
   hostGraceTimer?: Timer;
   closed: boolean;
+}
+
+/** A relayed frame kept for lossless reconnect, with whom it was addressed to. */
+interface RingEntry {
+  seq: number;
+  frame: string;
+  from: number;
+  /** undefined: everyone but `from`; else the slot or slots it was delivered to. */
+  to: number | number[] | undefined;
+  atMs: number;
 }
 
 const BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
@@ -347,6 +383,8 @@ function makeCounters() {
     deliveries: 0,
     bytesRelayed: 0,
     rateLimitedFrames: 0,
+    framesReplayed: 0,
+    resumes: new Map<"resumed" | "too_old", number>(),
     errors: new Map<ErrorCode, number>(),
     closes: new Map<number, number>(),
     /** Since-boot totals per origin, capped: later origins count under `__other__`. */
@@ -412,6 +450,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   // ------------------------------------------------------------ delivery
 
   function recordClose(ws: Socket, close: CloseName): void {
+    if (ws.data.closing) return;
+    ws.data.closing = true;
     const { code, reason } = CLOSES[close];
     bump(counters.closes, code);
     ws.close(code, reason);
@@ -485,7 +525,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       index,
       clientId,
       ws: null,
-      messagePrefix: `{"type":"message","from":${index}`,
+      messagePrefix: `{"type":"message","from":${index},"seq":`,
+      sinceSeq: room.seq,
       stamp: 0,
     };
     room.slots.push(member);
@@ -509,6 +550,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function deleteRoom(room: Room, reason: string): void {
     room.closed = true;
+    ringTotalBytes -= room.ringBytes;
     clearTimeout(room.hostGraceTimer);
     rooms.delete(room.code);
     const left = (roomsByIp.get(room.creatorIp) ?? 1) - 1;
@@ -559,6 +601,10 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       byClientId: new Map(),
       present: 1,
       closed: false,
+      seq: 0,
+      ring: [],
+      ringHead: 0,
+      ringBytes: 0,
     };
     rooms.set(code, room);
     bump(roomsByIp, conn.ip);
@@ -573,7 +619,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     const room = rooms.get(msg.room);
     if (!room) return sendError(ws, "room_not_found");
     const owned = room.byClientId.get(msg.clientId);
-    if (owned?.ws) return replace(ws, room, owned);
+    if (owned?.ws) return replace(ws, room, owned, msg.resume);
     if (room.present >= room.maxClients) return sendError(ws, "room_full");
     if (!owned && room.slots.length >= maxSlotsPerRoom) return sendError(ws, "room_full", "Room has no slots left");
     const member = owned ?? addMember(room, msg.clientId);
@@ -584,19 +630,25 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       room.hostGraceTimer = undefined;
     }
     publish(room, ws, JSON.stringify({ type: "peer_joined", index: member.index }));
-    sendJoined(ws, room, member);
+    sendJoined(ws, room, member, owned ? msg.resume : undefined, msg.resume !== undefined);
   }
 
   /** The clientId's slot is live on another socket: this one takes over, peers see nothing. */
-  function replace(ws: Socket, room: Room, member: Member): void {
+  function replace(ws: Socket, room: Room, member: Member, resume: number | undefined): void {
     const old = member.ws!;
     unseat(old);
     recordClose(old, "replaced");
     seat(ws, room, member);
-    sendJoined(ws, room, member);
+    sendJoined(ws, room, member, resume, resume !== undefined);
   }
 
-  function sendJoined(ws: Socket, room: Room, member: Member): void {
+  /**
+   * `joined`, then either every frame the member missed since `resume` (when
+   * the ring still reaches back that far) or the state snapshot.
+   */
+  function sendJoined(ws: Socket, room: Room, member: Member, resume: number | undefined, askedToResume: boolean): void {
+    const after = resume === undefined ? undefined : Math.max(resume, member.sinceSeq);
+    const resumed = after !== undefined && after <= room.seq && oldestSeq(room) <= after + 1;
     const joined = {
       type: "joined",
       room: room.code,
@@ -605,8 +657,13 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       instance: instanceId,
       region,
       url: room.url,
+      seq: room.seq,
+      resumed: askedToResume ? resumed : undefined,
+      oldest: askedToResume && !resumed ? oldestSeq(room) : undefined,
     };
     deliver(ws, JSON.stringify(joined));
+    if (askedToResume) bump(counters.resumes, resumed ? "resumed" : "too_old");
+    if (resumed) return replayMissed(ws, room, member.index, after);
     if (room.stateFrame !== undefined) deliver(ws, room.stateFrame);
   }
 
@@ -614,10 +671,9 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   function handleSend(ws: Socket, msg: SendMessage & { dataJson: string | undefined }): void {
     const { room, member } = ws.data;
     if (!room || !member) return sendError(ws, "not_in_room");
-    const frame =
-      msg.dataJson === undefined ? member.messagePrefix + "}" : member.messagePrefix + ',"data":' + msg.dataJson + "}";
     const to = msg.to;
     if (to === undefined) {
+      const frame = relayFrame(room, member, msg.dataJson, undefined, ws.data.lastSeenMs);
       counters.relayedBroadcast++;
       counters.deliveries += room.present - 1;
       counters.bytesRelayed += frame.length * (room.present - 1);
@@ -625,11 +681,21 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     } else if (typeof to === "number") {
       const target = room.slots[to]?.ws;
       if (!target) return sendError(ws, "target_not_found");
+      const frame = relayFrame(room, member, msg.dataJson, to, ws.data.lastSeenMs);
       countTargeted(frame, 1);
       deliver(target, frame);
     } else {
-      sendToList(ws, room, to, frame);
+      sendToList(ws, room, member, to, msg.dataJson);
     }
+  }
+
+  /** Numbers a relayed frame and keeps it for `resume`. */
+  function relayFrame(room: Room, from: Member, dataJson: string | undefined, to: RingEntry["to"], nowMs: number): string {
+    const seq = ++room.seq;
+    const frame =
+      dataJson === undefined ? from.messagePrefix + seq + "}" : from.messagePrefix + seq + ',"data":' + dataJson + "}";
+    remember(room, seq, frame, from.index, to, nowMs);
+    return frame;
   }
 
   function countTargeted(frame: string, recipients: number): void {
@@ -640,30 +706,90 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   let sendStamp = 0;
   /** `to: [...]`: each present slot once; the absent ones are reported back. */
-  function sendToList(ws: Socket, room: Room, to: number[], frame: string): void {
+  function sendToList(ws: Socket, room: Room, sender: Member, to: number[], dataJson: string | undefined): void {
     const stamp = ++sendStamp;
+    const targets: number[] = [];
     let missing: number[] | undefined;
-    let delivered = 0;
     for (const index of to) {
       const member = room.slots[index];
       if (member?.ws) {
         if (member.stamp === stamp) continue;
         member.stamp = stamp;
-        delivered++;
-        deliver(member.ws, frame);
+        targets.push(index);
       } else if (!missing?.includes(index)) {
         (missing ??= []).push(index);
       }
     }
-    if (delivered > 0) countTargeted(frame, delivered);
+    if (targets.length > 0) {
+      const frame = relayFrame(room, sender, dataJson, targets, ws.data.lastSeenMs);
+      for (const index of targets) deliver(room.slots[index]!.ws!, frame);
+      countTargeted(frame, targets.length);
+    }
     if (missing) sendError(ws, "target_not_found", undefined, { missing });
+  }
+
+  // ------------------------------------------------------------ resume ring
+
+  let ringTotalBytes = 0;
+
+  function remember(room: Room, seq: number, frame: string, from: number, to: RingEntry["to"], atMs: number): void {
+    if (options.resumeWindowMs === 0) return;
+    room.ring.push({ seq, frame, from, to, atMs });
+    room.ringBytes += frame.length;
+    ringTotalBytes += frame.length;
+    trimRing(room, atMs);
+  }
+
+  /** Drops the oldest frames past any bound: age, count, bytes per room, bytes per process. */
+  function trimRing(room: Room, nowMs: number): void {
+    const { ring } = room;
+    const oldestAllowedMs = nowMs - options.resumeWindowMs;
+    while (room.ringHead < ring.length) {
+      const entry = ring[room.ringHead]!;
+      const over =
+        entry.atMs < oldestAllowedMs ||
+        ring.length - room.ringHead > options.resumeRoomFrames ||
+        room.ringBytes > options.resumeRoomBytes ||
+        ringTotalBytes > options.resumeTotalBytes;
+      if (!over) break;
+      room.ringBytes -= entry.frame.length;
+      ringTotalBytes -= entry.frame.length;
+      ring[room.ringHead++] = undefined as unknown as RingEntry;
+    }
+    // Compact rarely, so dropping from the head stays O(1) amortised.
+    if (room.ringHead > 64 && room.ringHead * 2 > ring.length) {
+      room.ring = ring.slice(room.ringHead);
+      room.ringHead = 0;
+    }
+  }
+
+  /** The oldest seq the ring can replay; one past the latest when it holds nothing. */
+  function oldestSeq(room: Room): number {
+    return room.ringHead < room.ring.length ? room.ring[room.ringHead]!.seq : room.seq + 1;
+  }
+
+  function addressedTo(entry: RingEntry, index: number): boolean {
+    const { to } = entry;
+    if (to === undefined) return entry.from !== index;
+    return typeof to === "number" ? to === index : to.includes(index);
+  }
+
+  function replayMissed(ws: Socket, room: Room, index: number, after: number): void {
+    for (let i = room.ringHead; i < room.ring.length; i++) {
+      const entry = room.ring[i]!;
+      if (entry.seq <= after || !addressedTo(entry, index)) continue;
+      counters.framesReplayed++;
+      deliver(ws, entry.frame);
+    }
   }
 
   function handleSetState(ws: Socket, stateJson: string): void {
     const { room, member } = ws.data;
     if (!room || !member) return sendError(ws, "not_in_room");
     if (member.index !== 0) return sendError(ws, "not_host", "Only the host can set state");
-    room.stateFrame = `{"type":"state","data":${stateJson}}`;
+    const seq = ++room.seq;
+    room.stateFrame = `{"type":"state","seq":${seq},"data":${stateJson}}`;
+    remember(room, seq, room.stateFrame, member.index, undefined, ws.data.lastSeenMs);
     publish(room, ws, room.stateFrame);
   }
 
@@ -726,6 +852,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function onFrame(ws: Socket, raw: string | Buffer): void {
     const conn = ws.data;
+    if (conn.closing) return;
     const nowMs = Date.now();
     conn.lastSeenMs = nowMs;
     if (!allowFrame(conn, nowMs)) {
@@ -779,7 +906,9 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
    */
   const heartbeat = setInterval(() => {
     const nowMs = Date.now();
+    for (const room of rooms.values()) trimRing(room, nowMs);
     for (const ws of conns) {
+      if (ws.data.closing) continue;
       const silentMs = nowMs - ws.data.lastSeenMs;
       if (silentMs > options.heartbeatTimeoutMs) {
         log.info("abuse_close", { reason: "unresponsive", code: CLOSES.unresponsive.code });
@@ -854,6 +983,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       bucketAtMs: nowMs,
       rateErrorAtMs: 0,
       lastSeenMs: nowMs,
+      closing: false,
     };
     if (srv.upgrade(req, { data: conn })) return undefined;
     return text("Expected a WebSocket upgrade\n", "text/plain", 400);
@@ -918,6 +1048,12 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     family("party_sockets_rate_limited_frames_total", "counter", "Frames dropped by the rate limit", one(counters.rateLimitedFrames));
     family("party_sockets_errors_total", "counter", "Error frames sent, by code", byLabel("code", counters.errors));
     family("party_sockets_closes_total", "counter", "Closes the relay initiated, by close code", byLabel("code", counters.closes));
+    family("party_sockets_resumes_total", "counter", "Joins with resume, by result", [
+      [`,result="resumed"`, counters.resumes.get("resumed") ?? 0],
+      [`,result="too_old"`, counters.resumes.get("too_old") ?? 0],
+    ]);
+    family("party_sockets_frames_replayed_total", "counter", "Frames replayed to resuming members", one(counters.framesReplayed));
+    family("party_sockets_resume_buffer_bytes", "gauge", "Relayed frames kept for resume, in string length", one(ringTotalBytes));
     family("process_resident_memory_bytes", "gauge", "Resident set size", one(memory.rss));
     family("process_heap_used_bytes", "gauge", "JavaScript heap in use", one(memory.heapUsed));
     family("process_uptime_seconds", "gauge", "Seconds since the relay started", one((Date.now() - startedAtMs) / 1000));

@@ -1,0 +1,199 @@
+// Hostile traffic, seeded: thousands of malformed, mutated and oversized frames
+// over many sockets, interleaved with a real room whose messages must all
+// arrive intact. FUZZ_SEED=<n> replays a run; FUZZ_FRAMES scales it.
+
+import { afterAll, expect, test } from "bun:test";
+import { ERRORS } from "../protocol.ts";
+import { createRoom, joinRoom, RawClient, TestClient, testRelay, within, type Frame } from "./helpers.ts";
+
+const SEED = Number(process.env.FUZZ_SEED ?? 20261130);
+const FRAMES_PER_SOCKET = Number(process.env.FUZZ_FRAMES ?? 1500);
+const HOSTILE_SOCKETS = 16;
+const MAX_MESSAGE_BYTES = 8 * 1024;
+
+/** mulberry32: small, fast, and the same sequence for the same seed everywhere. */
+function prng(seed: number) {
+  let a = seed >>> 0;
+  const next = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const int = (n: number) => Math.floor(next() * n);
+  const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
+  return { next, int, pick };
+}
+type Rng = ReturnType<typeof prng>;
+
+const WEIRD_VALUES: readonly unknown[] = [
+  null, true, false, 0, -0, -1, 1.5, 1e308, -1e308, 2 ** 53 + 1, Number.MAX_SAFE_INTEGER, "", " ", "\u0000",
+  "\ud800", "\udfff", "🎉", "\u2028", "x".repeat(200), [], [null], [1, 2, 3], {}, { __proto__: { polluted: true } },
+  { constructor: { prototype: { polluted: true } } }, { toString: 1 }, { valueOf: "x" },
+];
+const TYPES = ["create", "join", "send", "set_state", "close_room", "leave", "ping", "nope", "", "CREATE", "__proto__", "toString"];
+const FIELDS = ["type", "clientId", "maxClients", "room", "data", "to", "url", "id", "__proto__", "constructor"];
+
+function deepNest(rng: Rng): string {
+  const depth = 10 + rng.int(3000);
+  const open = rng.next() < 0.5 ? "[" : '{"a":';
+  const close = open === "[" ? "]" : "}";
+  return '{"type":"send","data":' + open.repeat(depth) + "1" + close.repeat(depth) + "}";
+}
+
+/** A frame that is valid JSON object with a valid shape, for a room that exists. */
+function validish(rng: Rng, code: string): Record<string, unknown> {
+  const clientId = "fuzz-" + rng.int(50);
+  return rng.pick([
+    { type: "create", clientId, maxClients: 1 + rng.int(8) },
+    { type: "join", clientId, room: code },
+    { type: "send", data: { n: rng.int(1000) } },
+    { type: "send", to: rng.int(6), data: "t" },
+    { type: "send", to: [rng.int(6), rng.int(6)], data: [1] },
+    { type: "set_state", data: { s: rng.int(9) } },
+    { type: "leave" },
+    { type: "close_room" },
+    { type: "ping", id: rng.int(99) },
+  ]);
+}
+
+function mutate(rng: Rng, frame: Record<string, unknown>): Record<string, unknown> {
+  const copy: Record<string, unknown> = { ...frame };
+  const edits = 1 + rng.int(3);
+  for (let i = 0; i < edits; i++) {
+    const field = rng.pick(FIELDS);
+    const roll = rng.next();
+    if (roll < 0.2) delete copy[field];
+    else if (roll < 0.35 && field === "type") copy.type = rng.pick(TYPES);
+    else Object.defineProperty(copy, field, { value: rng.pick(WEIRD_VALUES), enumerable: true, configurable: true, writable: true });
+  }
+  return copy;
+}
+
+/** One hostile frame, and whether the relay must answer it with an error. */
+function hostileFrame(rng: Rng, code: string): { frame: string | Uint8Array; mustError: boolean; oversized?: boolean } {
+  const roll = rng.next();
+  if (roll < 0.12) return { frame: rng.pick(["", "{", "}", "nul", "[1,", '{"type":', "\u0000", "🎉", "NaN", "{'a':1}"]), mustError: true };
+  if (roll < 0.2) return { frame: JSON.stringify(rng.pick([null, 1, "s", [], [1, 2], true])), mustError: true };
+  if (roll < 0.27) return { frame: crypto.getRandomValues(new Uint8Array(1 + rng.int(64))), mustError: true };
+  if (roll < 0.3) return { frame: "x".repeat(MAX_MESSAGE_BYTES + 1 + rng.int(1000)), mustError: true, oversized: true };
+  if (roll < 0.36) return { frame: deepNest(rng), mustError: false };
+  if (roll < 0.42) return { frame: JSON.stringify({ type: rng.pick(TYPES.slice(7)), data: 1 }), mustError: true };
+  if (roll < 0.75) return { frame: JSON.stringify(mutate(rng, validish(rng, code))), mustError: false };
+  return { frame: JSON.stringify(validish(rng, code)), mustError: false };
+}
+
+const DOCUMENTED_CLOSES = new Set([1000, 1001, 1008, 1009, 4000, 4001, 4002, 4003]);
+const KNOWN_TYPES = new Set(["created", "joined", "peer_joined", "peer_left", "message", "state", "left", "pong", "error"]);
+
+const relay = testRelay({ maxMessageBytes: MAX_MESSAGE_BYTES, rateLimitPerSec: 0, logLevel: "warn" });
+afterAll(() => relay.stop());
+
+test(`seed ${SEED}: ${HOSTILE_SOCKETS} x ${FRAMES_PER_SOCKET} hostile frames; the real room loses nothing`, async () => {
+  Bun.gc(true);
+  const heapBefore = process.memoryUsage().heapUsed;
+  const { host, code } = await createRoom(relay, "real-host", 256);
+  const guests = await Promise.all([1, 2, 3].map((i) => joinRoom(relay, code, `real-guest-${i}`)));
+
+  // The real game: numbered broadcasts from the host for the whole run.
+  let sent = 0;
+  let stop = false;
+  const game = (async () => {
+    while (!stop) {
+      host.send({ type: "send", data: { n: sent++, text: "ok é 🎉" } });
+      await host.barrier();
+    }
+  })();
+
+  const stats = { frames: 0, errors: 0, closes: 0, answered: 0 };
+  const errorCodes = new Set(Object.keys(ERRORS));
+
+  async function hostileSocket(worker: number): Promise<void> {
+    const rng = prng(SEED + worker);
+    let client = await TestClient.connect(relay.wsUrl);
+    for (let i = 0; i < FRAMES_PER_SOCKET; i++) {
+      const { frame, mustError, oversized } = hostileFrame(rng, code);
+      stats.frames++;
+      client.ws.send(frame);
+      if (oversized) {
+        // Another socket may have replaced this one (4000) or closed its room (4001) first.
+        const answered = await client.error("message_too_large").then(() => true, () => false);
+        const { code: closeCode } = await client.closeCode();
+        expect(answered ? closeCode === 1009 : DOCUMENTED_CLOSES.has(closeCode)).toBe(true);
+        stats.closes++;
+        client = await TestClient.connect(relay.wsUrl);
+        continue;
+      }
+      // A ping after each frame marks where the relay's answers to it end.
+      const id = `f${i}`;
+      client.ws.send(JSON.stringify({ type: "ping", id }));
+      let answers: Frame[];
+      try {
+        for (;;) {
+          const pong = await client.next("pong");
+          if (pong.id === id) break;
+        }
+        answers = client.frames.splice(0);
+      } catch {
+        const { code: closeCode } = await client.closeCode();
+        expect(DOCUMENTED_CLOSES.has(closeCode)).toBe(true);
+        stats.closes++;
+        client = await TestClient.connect(relay.wsUrl);
+        continue;
+      }
+      for (const a of answers) {
+        expect(KNOWN_TYPES.has(a.type)).toBe(true);
+        if (a.type === "error") {
+          stats.errors++;
+          expect(errorCodes.has(a.code)).toBe(true);
+        }
+      }
+      if (answers.length > 0) stats.answered++;
+      if (mustError) expect(answers.some((a) => a.type === "error")).toBe(true);
+    }
+    client.close();
+  }
+
+  await Promise.all(Array.from({ length: HOSTILE_SOCKETS }, (_, w) => hostileSocket(w)));
+  stop = true;
+  await game;
+
+  // Every message of the real game reached every real guest, intact and in order.
+  for (const { client } of guests) {
+    const fromHost: number[] = [];
+    while (fromHost.length < sent) {
+      const m = await client.next("message");
+      if (m.from !== 0) continue;
+      expect(m.data.text).toBe("ok é 🎉");
+      fromHost.push(m.data.n);
+    }
+    expect(fromHost).toEqual([...Array(sent).keys()]);
+  }
+  expect((await fetch(`${relay.url}/health`)).status).toBe(200);
+  for (const { client } of guests) client.frames.length = 0;
+  Bun.gc(true);
+  // Relay and clients share this process: the heap left after a collection bounds what the relay kept.
+  const heapGrowthMb = (process.memoryUsage().heapUsed - heapBefore) / 2 ** 20;
+  const rssMb = process.memoryUsage().rss / 2 ** 20;
+  console.log(JSON.stringify({ seed: SEED, ...stats, realMessages: sent, heapGrowthMb: +heapGrowthMb.toFixed(1), rssMb: Math.round(rssMb) }));
+  expect(stats.frames).toBe(HOSTILE_SOCKETS * FRAMES_PER_SOCKET);
+  expect(heapGrowthMb).toBeLessThan(64);
+}, 60_000);
+
+test("invalid UTF-8 in a text frame is closed by Bun with 1007 and the relay lives on", async () => {
+  const raw = await RawClient.connect(relay.port);
+  raw.sendFrame(0x1, Buffer.from([0x7b, 0xff, 0xfe, 0x7d]));
+  await raw.endOrClose();
+  expect(raw.closeCode).toBe(1007);
+  const c = await TestClient.connect(relay.wsUrl);
+  c.send({ type: "ping", id: 1 });
+  expect((await c.next("pong")).id).toBe(1);
+});
+
+test("a frame over Bun's hard limit (4 x MAX_MESSAGE_BYTES) is cut with 1009 and the relay lives on", async () => {
+  const c = await TestClient.connect(relay.wsUrl);
+  c.send("x".repeat(MAX_MESSAGE_BYTES * 4 + 10));
+  expect((await within(c.closed, "the hard-limit close")).code).toBe(1009);
+  expect((await fetch(`${relay.url}/health`)).status).toBe(200);
+});
