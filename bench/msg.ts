@@ -61,10 +61,13 @@ function readInt(buf: Uint8Array, i: number, end: number): number {
   return v;
 }
 
-/** Index just past `"seq":` in buf[from..end), or -1. */
+/**
+ * Index just past `{"seq":` (the start of our data object) in buf[from..end), or -1. The
+ * leading `{` skips a relay's own top-level `"seq":` (ours numbers frames for resume).
+ */
 function findSeq(buf: Uint8Array, from: number, end: number): number {
-  for (let i = from + 3; i < end - 2; i++) {
-    if (buf[i] === 113 && buf[i + 1] === 34 && buf[i + 2] === 58 && buf[i - 1] === 101 && buf[i - 2] === 115 && buf[i - 3] === 34) {
+  for (let i = from + 4; i < end - 2; i++) {
+    if (buf[i] === 113 && buf[i + 1] === 34 && buf[i + 2] === 58 && buf[i - 1] === 101 && buf[i - 2] === 115 && buf[i - 3] === 34 && buf[i - 4] === 123) {
       return i + 3;
     }
   }
