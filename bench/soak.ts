@@ -6,8 +6,9 @@
 //
 // Options: --duration S, --rooms N (rooms of --size well-behaved players at --hz),
 // --idle N (idle connections in rooms of 4), --churn-lanes N, --oversize N, --flooders N,
-// --bad N (abusers of each kind), --no-slow (skip the stopped receiver), --url ws://…
-// (use a running relay instead; its pid is then unknown, so no RSS/CPU).
+// --bad N (abusers of each kind), --no-slow (skip the stopped receiver), --relay-env NAME=value
+// (repeatable: extra env for the relay it starts), --url ws://… (use a running relay instead;
+// its pid is then unknown, so no RSS/CPU).
 //
 // Well-behaved players number every message; at the end every receiver must hold every
 // message of every well-behaved sender in its room (gaps + tail shortfall = lost, must be 0),
@@ -47,10 +48,11 @@ interface SoakOptions {
   bad: number;
   slow: boolean;
   url: string;
+  relayEnv: Record<string, string>;
 }
 
 function parseArgs(argv: string[]): SoakOptions {
-  const o: SoakOptions = { durationS: 60, rooms: 300, size: 8, hz: 5, idle: 2000, churnLanes: 4, oversize: 4, flooders: 4, bad: 4, slow: true, url: "" };
+  const o: SoakOptions = { durationS: 60, rooms: 300, size: 8, hz: 5, idle: 2000, churnLanes: 4, oversize: 4, flooders: 4, bad: 4, slow: true, url: "", relayEnv: {} };
   const numeric: Record<string, keyof SoakOptions> = {
     "--duration": "durationS", "--rooms": "rooms", "--size": "size", "--hz": "hz", "--idle": "idle",
     "--churn-lanes": "churnLanes", "--oversize": "oversize", "--flooders": "flooders", "--bad": "bad",
@@ -64,6 +66,11 @@ function parseArgs(argv: string[]): SoakOptions {
     const value = argv[++i];
     if (value === undefined) throw new Error(`missing value for ${flag}`);
     if (flag === "--url") o.url = value;
+    else if (flag === "--relay-env") {
+      const eq = value.indexOf("=");
+      if (eq < 1) throw new Error(`--relay-env wants NAME=value, got ${value}`);
+      o.relayEnv[value.slice(0, eq)] = value.slice(eq + 1);
+    }
     else if (flag in numeric) (o as unknown as Record<string, number>)[numeric[flag]!] = Number(value);
     else throw new Error(`unknown flag ${flag} (see the comment at the top of bench/soak.ts)`);
   }
@@ -85,6 +92,8 @@ class Peer {
   room: SoakRoom | null = null;
   recv = new Int32Array(MAX_SLOTS);
   sent = 0;
+  /** performance.now() when this player's next message is due. */
+  nextAtMs = 0;
   target = -1;
   bench: BenchFrame | null = null;
   waiter: Waiter | null = null;
@@ -113,6 +122,8 @@ const totals = {
   foreignMessages: 0,
   goodUnexpectedCloses: [] as string[],
   goodErrors: {} as Record<string, number>,
+  goodErrorSample: [] as string[],
+  gapSample: [] as string[],
   abuserErrors: {} as Record<string, number>,
   closes: {} as Record<string, number>,
   churnCycles: 0,
@@ -159,9 +170,16 @@ function benchMessage(c: Conn<Peer>): void {
   const src = parsed.src;
   const seq = parsed.seq;
   totals.delivered++;
+  // Abusers joined after the players started: they are not counted as receivers.
+  if (u.kind === "flood" || u.kind === "bad" || u.kind === "oversize") return;
   if (src < 0 || src >= MAX_SLOTS) return void totals.reordered++;
   const want = u.recv[src]!;
-  if (seq > want) totals.gaps += seq - want;
+  if (seq > want) {
+    totals.gaps += seq - want;
+    if (totals.gapSample.length < 10) {
+      totals.gapSample.push(`${u.kind} slot ${u.slot} of ${u.room?.code ?? "?"}: from slot ${src} expected ${want}, got ${seq} at ${Math.round(performance.now() / 1000)} s`);
+    }
+  }
   else if (seq < want) totals.reordered++;
   u.recv[src] = seq + 1;
   u.onBench?.(c, src);
@@ -192,6 +210,9 @@ function control(c: Conn<Peer>, text: string): void {
       u.lastRateLimitedMs = now;
     }
     count(u.kind === "good" || u.kind === "idle" || u.kind === "churn" ? totals.goodErrors : totals.abuserErrors, `${u.kind}:${code}`);
+    if (u.kind === "good" && totals.goodErrorSample.length < 10) {
+      totals.goodErrorSample.push(`${code} to slot ${u.slot} of ${u.room?.code} at ${Math.round(performance.now() / 1000)} s, after ${u.sent} sent`);
+    }
   }
   if (msg.type === "pong" && u.kind === "bad") totals.bad.pongs++;
   const w = u.waiter;
@@ -488,7 +509,7 @@ async function main(): Promise<number> {
     const pin = cores >= 2 ? "taskset -c 1 " : "";
     relay = Bun.spawn(["bash", "-c", `ulimit -n $(ulimit -Hn); exec ${pin}bun run server.ts`], {
       cwd: REPO,
-      env: { ...process.env, PORT: String(port), LOG_LEVEL: "warn", MAX_CONNECTIONS_PER_IP: "100000", MAX_ROOMS_PER_IP: "100000" },
+      env: { ...process.env, PORT: String(port), LOG_LEVEL: "warn", MAX_CONNECTIONS_PER_IP: "100000", MAX_ROOMS_PER_IP: "100000", ...o.relayEnv },
       stdout: "pipe",
       stderr: "pipe",
     });
@@ -548,19 +569,30 @@ async function main(): Promise<number> {
       good.push(c);
     }
     slow = await startSlowReceiver(o.url, busy.code);
+    console.error(`soak: busy room ${busy.code} with a stopped receiver`);
     process.kill(slow.child.pid, "SIGSTOP");
   }
 
   // ---- traffic
+  // At most one message per player per 10 ms tick, and never more than one period of
+  // catch-up after a stall of this process: a well-behaved player never bursts past the
+  // relay's rate limit (100/s, burst 200) because the load generator was late.
   const start = performance.now();
   const n = good.length;
+  good.forEach((c, i) => {
+    const periodMs = 1000 / (c.user.room === busy ? 50 : o.hz);
+    c.user.nextAtMs = start + (periodMs * i) / n;
+  });
   const sender = setInterval(() => {
-    const elapsedS = (performance.now() - start) / 1000;
+    const now = performance.now();
     for (let i = 0; i < n; i++) {
       const c = good[i]!;
-      const hz = c.user.room === busy ? 50 : o.hz;
-      const due = Math.floor(elapsedS * hz + i / n);
-      while (c.user.sent < due) sendBench(c);
+      const u = c.user;
+      if (now < u.nextAtMs) continue;
+      const periodMs = 1000 / (u.room === busy ? 50 : o.hz);
+      sendBench(c);
+      u.nextAtMs += periodMs;
+      if (u.nextAtMs < now - periodMs) u.nextAtMs = now;
     }
   }, 10);
 
@@ -632,14 +664,24 @@ async function main(): Promise<number> {
   clearInterval(sampler);
   await Promise.race([Promise.all([...abuserTasks, ...lanes]), sleep(10_000)]);
   let shortfall = 0;
+  const shortPairs: string[] = [];
   const pairsShort = (): number => {
     let missing = 0;
+    shortPairs.length = 0;
     for (const r of [...rooms, ...(busy ? [busy] : [])]) {
       for (const s of r.good) {
         for (const rc of r.good) {
           if (rc === s || rc.state !== State.Open) continue;
           if (s.user.target >= 0 && s.user.target !== rc.user.slot) continue;
-          missing += Math.max(0, s.user.sent - rc.user.recv[s.user.slot]!);
+          const short = s.user.sent - rc.user.recv[s.user.slot]!;
+          if (short <= 0) continue;
+          missing += short;
+          if (shortPairs.length < 10) {
+            shortPairs.push(
+              `room ${r.code}${r === busy ? " (busy)" : ""}: slot ${s.user.slot} sent ${s.user.sent}, slot ${rc.user.slot} has ${rc.user.recv[s.user.slot]}; ` +
+                `sender unsent bytes ${s.pendingBytes}, sender errors ${JSON.stringify(s.user.errors)}`,
+            );
+          }
         }
       }
     }
@@ -694,11 +736,14 @@ async function main(): Promise<number> {
     delivered: totals.delivered,
     lostByWellBehaved: lost,
     gaps: totals.gaps,
+    gapSample: totals.gapSample,
     tailShortfall: shortfall,
+    tailShortfallSample: shortPairs,
     reordered: totals.reordered,
     wellBehavedUnexpectedCloses: totals.goodUnexpectedCloses.length,
     wellBehavedUnexpectedClosesSample: totals.goodUnexpectedCloses.slice(0, 10),
     wellBehavedErrors: totals.goodErrors,
+    wellBehavedErrorSample: totals.goodErrorSample,
     churn: { cycles: totals.churnCycles, failures: totals.churnFailures.length, failureSample: totals.churnFailures.slice(0, 5) },
     oversize: totals.oversize,
     flood: { ...totals.flood, rateLimitedErrorsPerFlooderPerS: totals.flood.rateLimitedErrors / Math.max(1, o.flooders) / o.durationS },

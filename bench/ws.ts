@@ -103,6 +103,11 @@ export class Conn<U> {
     return at;
   }
 
+  /** Bytes queued but not yet accepted by the kernel. */
+  get pendingBytes(): number {
+    return this.outLen;
+  }
+
   /** The buffer `reserve` offsets point into (it may move on the next `reserve`). */
   get outBuf(): Uint8Array {
     return this.out;
