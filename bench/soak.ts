@@ -629,25 +629,33 @@ async function main(): Promise<number> {
   const lanes = Array.from({ length: o.churnLanes }, churnLane);
 
   // ---- sample every 5 s
-  const samples: { t: number; rssMB: number; relayCpuPct: number; soakCpuPct: number; delivered: number }[] = [];
+  const samples: { t: number; rssMB: number; heapMB: number; resumeBufferMB: number; relayCpuPct: number; soakCpuPct: number; delivered: number }[] = [];
   let lastCpu = relayPid ? processCpuUs(relayPid) : NaN;
   let lastSelf = process.cpuUsage();
   let lastT = performance.now();
   let lastDelivered = 0;
-  const sampler = setInterval(() => {
+  /** One gauge from the relay's /metrics, in MB (NaN when absent). */
+  const gaugeMB = (text: string, name: string): number => {
+    const line = text.split("\n").find((l) => l.startsWith(name + "{"));
+    return line ? Number(line.slice(line.lastIndexOf(" ") + 1)) / 2 ** 20 : NaN;
+  };
+  const sampler = setInterval(async () => {
     const now = performance.now();
     const cpu = relayPid ? processCpuUs(relayPid) : NaN;
     const self = process.cpuUsage(lastSelf);
+    const metrics = await fetch(`${httpBase}/metrics`).then((r) => r.text()).catch(() => "");
     const s = {
       t: Math.round((now - start) / 1000),
       rssMB: relayPid ? processRssBytes(relayPid) / 2 ** 20 : NaN,
+      heapMB: gaugeMB(metrics, "process_heap_used_bytes"),
+      resumeBufferMB: gaugeMB(metrics, "party_sockets_resume_buffer_bytes"),
       relayCpuPct: ((cpu - lastCpu) / ((now - lastT) * 1000)) * 100,
       soakCpuPct: ((self.user + self.system) / ((now - lastT) * 1000)) * 100,
       delivered: totals.delivered,
     };
     samples.push(s);
     console.error(
-      `soak: t=${s.t}s relay RSS ${s.rssMB.toFixed(0)} MB CPU ${s.relayCpuPct.toFixed(0)} %  soak CPU ${s.soakCpuPct.toFixed(0)} %  ` +
+      `soak: t=${s.t}s relay RSS ${s.rssMB.toFixed(0)} MB (heap ${s.heapMB.toFixed(0)} MB, resume buffer ${s.resumeBufferMB.toFixed(1)} MB) CPU ${s.relayCpuPct.toFixed(0)} %  soak CPU ${s.soakCpuPct.toFixed(0)} %  ` +
         `deliveries/s ${Math.round(((totals.delivered - lastDelivered) * 1000) / (now - lastT))}  gaps ${totals.gaps}  churn ${totals.churnCycles}`,
     );
     lastCpu = cpu;
