@@ -344,6 +344,11 @@ async function main(): Promise<void> {
   o.out ||= join(REPO, "bench", "results", stamp);
   mkdirSync(join(o.out, "logs"), { recursive: true });
 
+  const hardFds = Number(Bun.spawnSync(["bash", "-c", "ulimit -Hn"]).stdout.toString().trim());
+  if (o.scenarios.includes("idle") && Number.isFinite(hardFds) && hardFds < o.idleConns + 1000) {
+    console.error(`bench: the hard fd limit is ${hardFds}; idle uses ${o.idleConns} connections per process, lowering to ${hardFds - 1000}`);
+    o.idleConns = Math.max(100, hardFds - 1000);
+  }
   const n = cpus().length;
   const cores = n >= 2 ? { gen: 0, server: 1 } : { gen: -1, server: -1 };
   const before = coreTicks();
@@ -361,6 +366,7 @@ async function main(): Promise<void> {
     "core busy in the 1 s before start": busyAtStart.join(", "),
     scenarios: "50 rooms × 8, ~120-byte data; open loop 20 Hz per client; closed loop window 16 per client; churn 16 lanes of rooms of 4",
     "idle connections": `${o.idleConns} in rooms of 4`,
+    "fd limit (hard, used as soft for children)": hardFds,
   };
   console.error(`bench: writing ${o.out}`);
   console.error(`bench: load at start ${env["loadavg at start"]}; core busy ${env["core busy in the 1 s before start"]}`);
