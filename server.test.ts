@@ -288,6 +288,47 @@ describe("send", () => {
     expect(host.raw.findIndex((t) => t.includes("peer_joined"))).toBeLessThan(host.raw.findIndex((t) => t.includes("first")));
   });
 
+  test("data is relayed as written: the message is valid JSON with exactly the relay's fields", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    const frames = [
+      '{"type":"send","data":[1.0,1e2,"\\u00e9",-0]}',
+      '{"type":"send","to":1,"data":{"k":[true,null]} }',
+      '{"type":"send","data":1,"from":7,"seq":0}',
+      '{"type":"send","data":{"a":1},"to":1}',
+      '{"type":"send","data":"x","data":"y"}',
+    ];
+    for (const f of frames) host.send(f);
+    for (let i = 0; i < frames.length; i++) {
+      const m = await a.client.next("message");
+      expect(Object.keys(m).sort()).toEqual(["data", "from", "seq", "type"]);
+      expect(m.from).toBe(0);
+      expect(m.seq).toBe(i + 1);
+    }
+    expect(a.client.raw.at(-5)).toEndWith(',"data":[1.0,1e2,"\\u00e9",-0]}');
+    const data = a.client.raw.slice(-5).map((t) => JSON.parse(t).data);
+    expect(data).toEqual([[1, 100, "é", -0], { k: [true, null] }, 1, { a: 1 }, "y"]);
+  });
+
+  test.each([
+    ['{"type":"send","data":1,"type":"x"}', "unknown_type"],
+    ['{"type":"send","to":01,"data":1}', "invalid_json"],
+    ['{"type":"send","data":}', "invalid_json"],
+    ['{"type":"send","data":1,}', "invalid_json"],
+    ['{"type":"send","to":1.5,"data":1}', "target_not_found"],
+    ['{"type":"send","to":-1,"data":1}', "target_not_found"],
+    ['{"type":"send","to":9999999999,"data":1}', "target_not_found"],
+  ])("%s is rejected with %s", async (frame, code) => {
+    const r = relay();
+    const { host, code: room } = await createRoom(r);
+    const a = await joinRoom(r, room);
+    host.send(frame);
+    await host.error(code);
+    await a.client.barrier();
+    expect(a.client.pending("message")).toEqual([]);
+  });
+
   test("send outside a room is not_in_room", async () => {
     const r = relay();
     const c = await TestClient.connect(r.wsUrl);
@@ -612,6 +653,17 @@ describe("HTTP", () => {
     const redirect = await fetch(`${d.url}/`, { redirect: "manual" });
     expect(redirect.status).toBe(302);
     expect(redirect.headers.get("location")).toBe("https://grafana.example/d/1");
+  });
+
+  test("GET / for a browser is an HTML page of counts that never shows a room code", async () => {
+    const r = relay();
+    const { code } = await createRoom(r);
+    const res = await fetch(`${r.url}/`, { headers: { Accept: "text/html,application/xhtml+xml" } });
+    expect(res.headers.get("content-type")).toContain("text/html");
+    const html = await res.text();
+    expect(html).toContain("<!doctype html>");
+    expect(html).toContain("/client.js");
+    expect(html).not.toContain(code);
   });
 
   test("/client.js is a JavaScript module with an ETag that answers 304", async () => {
@@ -1094,8 +1146,55 @@ describe("resume", () => {
     expect(await c.error("invalid_resume")).toMatchObject({ message: "resume must be a non-negative integer" });
   });
 
-  const bufferBytes = async (r: { url: string }) =>
-    Number(/party_sockets_resume_buffer_bytes\{[^}]*\} (\d+)/.exec(await (await fetch(`${r.url}/metrics`)).text())![1]);
+  test("the ring replays exactly the kept suffix through wrap-arounds, growth and drops (randomised, seeded)", async () => {
+    const r = relay({ rateLimitPerSec: 0, resumeRoomBytes: 6000, resumeRoomFrames: 40 });
+    const { host, code } = await createRoom(r);
+    const other = await joinRoom(r, code);
+    const phone = await joinRoom(r, code, "phone");
+    phone.client.close();
+    await host.next("peer_left");
+    let seed = 7;
+    const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+    const sent: { seq: number; data: string; toPhone: boolean }[] = [];
+    let seq = 0;
+    const outcomes = { resumed: 0, tooOld: 0 };
+    for (let round = 0; round < 30; round++) {
+      const burst = 1 + Math.floor(random() * 25);
+      for (let i = 0; i < burst; i++) {
+        const data = "é".repeat(Math.floor(random() * 300)) + `#${seq + 1}`;
+        const roll = random();
+        if (roll < 0.6) host.send({ type: "send", data });
+        else if (roll < 0.8) host.send({ type: "send", to: [1, 2], data }); // 2 (phone) is away: missing
+        else host.send({ type: "send", to: 1, data });
+        sent.push({ seq: ++seq, data, toPhone: roll < 0.6 });
+      }
+      await other.client.barrier();
+      host.frames.length = 0;
+      const resume = Math.max(0, seq - Math.floor(random() * 50));
+      const back = await TestClient.connect(r.wsUrl);
+      back.send({ type: "join", clientId: "phone", room: code, resume });
+      const joined = await back.next("joined");
+      await back.barrier();
+      const replayed = back.frames.splice(0).filter((f) => f.type === "message");
+      outcomes[joined.resumed ? "resumed" : "tooOld"]++;
+      if (joined.resumed) {
+        expect(replayed.map((m) => [m.seq, m.data])).toEqual(sent.filter((m) => m.seq > resume && m.toPhone).map((m) => [m.seq, m.data]));
+      } else {
+        expect(joined.oldest).toBeGreaterThan(resume + 1);
+        expect(replayed).toEqual([]);
+      }
+      back.close();
+      await host.next("peer_left");
+    }
+    expect(outcomes.resumed).toBeGreaterThan(5);
+    expect(outcomes.tooOld).toBeGreaterThan(5);
+    expect(await bufferBytes(r)).toBeLessThanOrEqual(6000);
+  });
+
+  async function bufferBytes(r: { url: string }): Promise<number> {
+    const metrics = await (await fetch(`${r.url}/metrics`)).text();
+    return Number(/party_sockets_resume_buffer_bytes\{[^}]*\} (\d+)/.exec(metrics)![1]);
+  }
 
   test("the ring stays within its byte bounds under a flood, per room and per process", async () => {
     const r = relay({ rateLimitPerSec: 0, resumeRoomBytes: 20_000, resumeTotalBytes: 30_000 });

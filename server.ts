@@ -10,7 +10,9 @@ import type { Server, ServerWebSocket } from "bun";
 // /client.js needs no file on disk; TypeScript only knows the module reading.
 // @ts-expect-error TS1192: a text import has a default export TypeScript cannot see
 import clientSource from "./client.ts" with { type: "text" };
+import { Resolver } from "node:dns/promises";
 import pkg from "./package.json" with { type: "json" };
+import { statusPageHtml } from "./status-page.ts";
 import {
   CLOSES,
   ERRORS,
@@ -22,6 +24,7 @@ import {
   type PingMessage,
   type SendMessage,
 } from "./protocol.ts";
+import { decodeRoomCode, generateRoomCode, regionOfCode } from "./regions.ts";
 
 const VERSION: string = pkg.version;
 
@@ -29,7 +32,7 @@ const VERSION: string = pkg.version;
 
 export type LogLevel = "debug" | "info" | "warn" | "error" | "silent";
 
-export interface RelayOptions {
+export interface RelayOptions extends RoutingOptions {
   /** TCP port; 0 picks a free one. */
   port: number;
   /** "::" listens on IPv4 and IPv6 (Fly's private network is IPv6-only). */
@@ -100,6 +103,7 @@ export const DEFAULTS: Readonly<RelayOptions> = Object.freeze({
   resumeRoomFrames: 4096,
   resumeRoomBytes: 512 * 1024,
   resumeTotalBytes: 64 * 1024 * 1024,
+  ...routingDefaults(),
 });
 
 /** Env names for the numeric options; the README's table follows this list. */
@@ -160,6 +164,7 @@ export function optionsFromEnv(env: Record<string, string | undefined> = process
     if (!certFile || !keyFile) throw new Error("TLS_CERT_FILE and TLS_KEY_FILE must be set together");
     options.tls = { certFile, keyFile };
   }
+  Object.assign(options, routingOptionsFromEnv(env));
   return options;
 }
 
@@ -171,11 +176,18 @@ interface Rejection {
   message?: string;
 }
 
+/** A `send` as the hot path wants it: `data` already as JSON text, ready to splice into `message`. */
+interface ValidSend {
+  type: "send";
+  to: SendMessage["to"];
+  dataJson: string | undefined;
+}
+
 /** What validation hands the handlers: a typed message, plus work already done. */
 type Valid =
   | (CreateMessage & { url?: string })
   | JoinMessage
-  | (SendMessage & { dataJson: string | undefined })
+  | ValidSend
   | { type: "set_state"; stateJson: string }
   | { type: "close_room" }
   | { type: "leave" }
@@ -214,12 +226,56 @@ function checkUrlTemplate(v: unknown): Rejection | undefined {
   }
 }
 
+const SEND_PREFIX = '{"type":"send",';
+const DATA_KEY = '"data":';
+const TO_KEY = '"to":';
+const CLOSE_BRACE = 125;
+const COMMA = 44;
+
+/**
+ * The hot path's shortcut for the two shapes clients send all the time,
+ * `{"type":"send","data":X}` and `{"type":"send","to":N,"data":X}`: the `data`
+ * text X is taken as written instead of parsed and serialised again. It is
+ * safe because X itself must pass JSON.parse as one complete value, so the
+ * `message` built around it is valid JSON with exactly the relay's fields (a
+ * frame like `{"type":"send","data":1,"from":7}` fails that check and goes the
+ * general way). Anything else returns undefined and takes the general path.
+ */
+function spliceSend(text: string): ValidSend | undefined {
+  if (!text.startsWith(SEND_PREFIX) || text.charCodeAt(text.length - 1) !== CLOSE_BRACE) return undefined;
+  let at = SEND_PREFIX.length;
+  let to: number | undefined;
+  if (text.startsWith(TO_KEY, at)) {
+    at += TO_KEY.length;
+    const digitsAt = at;
+    let n = 0;
+    for (let c = text.charCodeAt(at) - 48; c >= 0 && c <= 9; c = text.charCodeAt(++at) - 48) n = n * 10 + c;
+    const digits = at - digitsAt;
+    // JSON has no leading zeros: "01" must reach JSON.parse and be rejected there.
+    if (digits === 0 || digits > 9 || (digits > 1 && text.charCodeAt(digitsAt) === 48) || text.charCodeAt(at) !== COMMA) {
+      return undefined;
+    }
+    to = n;
+    at++;
+  }
+  if (!text.startsWith(DATA_KEY, at)) return undefined;
+  const dataJson = text.slice(at + DATA_KEY.length, -1);
+  try {
+    JSON.parse(dataJson);
+  } catch {
+    return undefined;
+  }
+  return { type: "send", to, dataJson };
+}
+
 /**
  * The one validation step: a raw text frame becomes a typed message or a
  * rejection. Handlers never see anything else, so no client input can throw
  * out of them.
  */
 function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
+  const fast = spliceSend(text);
+  if (fast) return fast;
   let msg: unknown;
   try {
     msg = JSON.parse(text);
@@ -233,7 +289,7 @@ function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
       if (to !== undefined && !isSlot(to) && !(Array.isArray(to) && to.length > 0 && to.every(isSlot))) {
         return rejection("target_not_found", "to must be a slot index or a non-empty array of them");
       }
-      return { type: "send", to, data, dataJson: data === undefined ? undefined : JSON.stringify(data) };
+      return { type: "send", to, dataJson: data === undefined ? undefined : JSON.stringify(data) };
     }
     case "create": {
       const bad = checkClientId(msg.clientId);
@@ -323,35 +379,153 @@ interface Room {
   stateFrame?: string;
   /** Last sequence number given to a relayed frame. */
   seq: number;
-  /** Recent relayed frames for `resume`, oldest first from `ringHead`. */
-  ring: RingEntry[];
-  ringHead: number;
-  ringBytes: number;
+  /** Recent relayed frames, for `join` with `resume`. */
+  ring: FrameRing;
   hostGraceTimer?: Timer;
   closed: boolean;
 }
 
-/** A relayed frame kept for lossless reconnect, with whom it was addressed to. */
-interface RingEntry {
-  seq: number;
-  frame: string;
-  from: number;
-  /** undefined: everyone but `from`; else the slot or slots it was delivered to. */
-  to: number | number[] | undefined;
-  atMs: number;
-}
+/** Whom a relayed frame was addressed to: everyone but its sender, one slot, or a list of slots. */
+type Recipients = undefined | number | number[];
 
-const BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
-const ROOM_CODE_CHARS = 6;
+const RING_MIN_BYTES = 16 * 1024;
+const RING_MIN_FRAMES = 256;
 
-/** A random 6-char base58 code from a cryptographic source. */
-function randomRoomCode(): string {
-  const bytes = crypto.getRandomValues(new Uint8Array(ROOM_CODE_CHARS));
-  let code = "";
-  // 256 % 58 leaves a slight bias toward the first 24 characters; irrelevant
-  // for guessability at 35 bits, and retried on collision anyway.
-  for (const b of bytes) code += BASE58[b % 58];
-  return code;
+/**
+ * A room's recently relayed frames, kept for `join` with `resume`. Frames stay
+ * for seconds: long enough that, kept as strings, the garbage collector would
+ * promote them and pay for full collections at message rate (measured: about a
+ * third of the relay's CPU in a busy room). So each frame is copied as UTF-8
+ * into one circular byte buffer indexed by typed arrays: no object per frame.
+ * Both grow on demand up to the room's bounds and are freed when emptied.
+ */
+class FrameRing {
+  private bytes = Buffer.alloc(0);
+  private seqs = new Float64Array(0);
+  private atMs = new Float64Array(0);
+  private offsets = new Int32Array(0);
+  private lengths = new Int32Array(0);
+  /** The sender's slot. */
+  private froms = new Int32Array(0);
+  /** -1: everyone but the sender; -2: the list in `lists`; else the one target slot. */
+  private tos = new Int32Array(0);
+  private lists = new Map<number, number[]>();
+  private head = 0;
+  private writeAt = 0;
+  count = 0;
+  /** UTF-8 bytes held. */
+  size = 0;
+
+  constructor(private readonly maxFrames: number, private readonly maxBytes: number) {}
+
+  /** The oldest seq held, if any. */
+  oldest(): number | undefined {
+    return this.count > 0 ? this.seqs[this.head] : undefined;
+  }
+
+  /** Keeps a frame, dropping the oldest as needed; a frame larger than the whole bound empties the ring. */
+  push(seq: number, frame: string, from: number, to: Recipients, atMs: number): void {
+    const length = Buffer.byteLength(frame, "utf8");
+    if (length > this.maxBytes) return this.clear();
+    while (this.count > 0 && (this.count >= this.maxFrames || this.size + length > this.maxBytes)) this.dropOldest();
+    this.reserve(length);
+    const at = this.place(length);
+    this.bytes.write(frame, at, length, "utf8");
+    const slot = (this.head + this.count) % this.seqs.length;
+    this.seqs[slot] = seq;
+    this.atMs[slot] = atMs;
+    this.offsets[slot] = at;
+    this.lengths[slot] = length;
+    this.froms[slot] = from;
+    this.tos[slot] = to === undefined ? -1 : typeof to === "number" ? to : -2;
+    if (Array.isArray(to)) this.lists.set(seq, to);
+    this.count++;
+    this.size += length;
+    this.writeAt = at + length;
+  }
+
+  /** Drops frames older than `cutoffMs`; an emptied ring gives its memory back. */
+  expire(cutoffMs: number): void {
+    while (this.count > 0 && this.atMs[this.head]! < cutoffMs) this.dropOldest();
+    if (this.count === 0 && this.bytes.length > 0) this.clear();
+  }
+
+  dropOldest(): void {
+    const h = this.head;
+    if (this.tos[h] === -2) this.lists.delete(this.seqs[h]!);
+    this.size -= this.lengths[h]!;
+    this.head = (h + 1) % this.seqs.length;
+    this.count--;
+  }
+
+  clear(): void {
+    this.bytes = Buffer.alloc(0);
+    this.seqs = new Float64Array(0);
+    this.atMs = new Float64Array(0);
+    this.offsets = new Int32Array(0);
+    this.lengths = new Int32Array(0);
+    this.froms = new Int32Array(0);
+    this.tos = new Int32Array(0);
+    this.lists.clear();
+    this.head = this.writeAt = this.count = this.size = 0;
+  }
+
+  /** Every frame after `afterSeq` addressed to `index`, oldest first. */
+  *addressedTo(index: number, afterSeq: number): Generator<string> {
+    for (let i = 0; i < this.count; i++) {
+      const slot = (this.head + i) % this.seqs.length;
+      if (this.seqs[slot]! <= afterSeq) continue;
+      const to = this.tos[slot]!;
+      const addressed =
+        to === -1 ? this.froms[slot] !== index : to === -2 ? this.lists.get(this.seqs[slot]!)!.includes(index) : to === index;
+      if (addressed) yield this.bytes.toString("utf8", this.offsets[slot]!, this.offsets[slot]! + this.lengths[slot]!);
+    }
+  }
+
+  /** Grows the buffers (doubling, up to the bounds) so a frame of `length` bytes has room. */
+  private reserve(length: number): void {
+    if (this.count === this.seqs.length) this.relayout(this.bytes.length, Math.min(this.maxFrames, Math.max(RING_MIN_FRAMES, this.seqs.length * 2)));
+    // Half the buffer free keeps wrap-around from dropping frames early, until it reaches its bound.
+    const wanted = Math.min(this.maxBytes, Math.max(RING_MIN_BYTES, 2 * (this.size + length)));
+    if (wanted > this.bytes.length) this.relayout(Math.max(wanted, Math.min(this.maxBytes, this.bytes.length * 2)), this.seqs.length);
+  }
+
+  /** Where the next `length` bytes go: after the newest frame, or wrapped to the start, dropping what is in the way. */
+  private place(length: number): number {
+    let at = this.writeAt + length <= this.bytes.length ? this.writeAt : 0;
+    while (this.count > 0) {
+      const start = this.offsets[this.head]!;
+      const overlaps = start < at + length && at < start + this.lengths[this.head]!;
+      if (!overlaps) break;
+      this.dropOldest();
+      if (this.count === 0) at = 0;
+    }
+    return at;
+  }
+
+  /** Copies the live frames, oldest first, into buffers of the given capacities. */
+  private relayout(byteCapacity: number, frameCapacity: number): void {
+    const bytes = Buffer.allocUnsafe(byteCapacity);
+    const seqs = new Float64Array(frameCapacity);
+    const atMs = new Float64Array(frameCapacity);
+    const offsets = new Int32Array(frameCapacity);
+    const lengths = new Int32Array(frameCapacity);
+    const froms = new Int32Array(frameCapacity);
+    const tos = new Int32Array(frameCapacity);
+    let at = 0;
+    for (let i = 0; i < this.count; i++) {
+      const slot = (this.head + i) % this.seqs.length;
+      seqs[i] = this.seqs[slot]!;
+      atMs[i] = this.atMs[slot]!;
+      lengths[i] = this.lengths[slot]!;
+      froms[i] = this.froms[slot]!;
+      tos[i] = this.tos[slot]!;
+      offsets[i] = at;
+      this.bytes.copy(bytes, at, this.offsets[slot]!, this.offsets[slot]! + lengths[i]!);
+      at += lengths[i]!;
+    }
+    Object.assign(this, { bytes, seqs, atMs, offsets, lengths, froms, tos, head: 0, writeAt: at });
+  }
 }
 
 // ==================================================================== logging
@@ -412,6 +586,340 @@ function originTotals(counters: Counters, origin: string): OriginTotals {
 
 const escapeLabel = (v: string) => v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n");
 
+// ==================================================================== routing
+//
+// SPEC §5: many machines, many regions. Fly's proxy moves every request; the
+// relay only answers with `fly-replay` (409) when a request belongs elsewhere:
+//   1. `?instance=<id>` of another machine  → `instance=<id>;timeout=5s;fallback=force_self`
+//      (the fallback returns the request here: HTTP gets a 302 without the
+//      hint, a WebSocket upgrade is served here)
+//   2. a room code of another known region → `region=<r>;timeout=5s;fallback=force_self`
+//   3. a code of this region, not local     → probe this region's peers, then
+//      `instance=<owner>;…` on a hit, or serve locally on a miss
+// Routing is active only on Fly (flyAppName set); a lone relay serves everything.
+//
+// Probe discipline (the expensive part, bounded on purpose):
+// - a probe is `GET http://<id>.vm.<app>.internal:<port>/room/<code>` carrying
+//   PROBE_HEADER; a request with that header is answered from local state only,
+//   so a probe never triggers probes (no N² fan-out);
+// - one round per code at a time (concurrent lookups share it), at most
+//   probeConcurrency peers in flight per round, the whole round (DNS included)
+//   bounded by probeTimeoutMs; the first hit aborts the rest and a miss answers
+//   as soon as every peer has said no;
+// - results are cached briefly (misses probeMissCacheMs, hits probeHitCacheMs)
+//   in a size-capped map, and a per-process token bucket (probeBudgetPerSec
+//   peer requests) caps what random-code floods can send to the region: past
+//   it a lookup is answered as a miss without probing.
+// - a request that Fly already replayed to us from this region (fly-replay-src
+//   with our region) or that fell back (fly-replay-failed) is never probed for.
+
+export interface RoutingOptions {
+  /** `host:port` of the DNS server for `.internal` names; "" uses the system resolver (Fly's fdaa::3). */
+  dnsServer: string;
+  /** Bound on one probe round, DNS included. */
+  probeTimeoutMs: number;
+  /** Peers probed at once within a round. */
+  probeConcurrency: number;
+  /** Peer requests this process may send per second (token bucket, burst = 2 s worth). */
+  probeBudgetPerSec: number;
+  /** How long "no peer has this code" is remembered. */
+  probeMissCacheMs: number;
+  /** How long "this peer has this code" is remembered. */
+  probeHitCacheMs: number;
+}
+
+/** A function, not a const, so that DEFAULTS (above, in the options section) can spread it. */
+function routingDefaults(): RoutingOptions {
+  return {
+    dnsServer: "",
+    // In-region 6PN round trips are a few ms; a peer silent for 1 s is treated as a miss.
+    probeTimeoutMs: 1000,
+    probeConcurrency: 8,
+    probeBudgetPerSec: 200,
+    // Short: a code typed wrong is retried within seconds, a new room's code is never in it.
+    probeMissCacheMs: 2000,
+    probeHitCacheMs: 10_000,
+  };
+}
+
+const ROUTING_NUMERIC_ENV = {
+  PROBE_TIMEOUT_MS: "probeTimeoutMs",
+  PROBE_CONCURRENCY: "probeConcurrency",
+  PROBE_BUDGET_PER_SEC: "probeBudgetPerSec",
+  PROBE_MISS_CACHE_MS: "probeMissCacheMs",
+  PROBE_HIT_CACHE_MS: "probeHitCacheMs",
+} as const satisfies Record<string, keyof RoutingOptions>;
+
+/** DNS_SERVER and the PROBE_* variables. */
+function routingOptionsFromEnv(env: Record<string, string | undefined>): Partial<RoutingOptions> {
+  const options: Partial<RoutingOptions> = {};
+  for (const [name, key] of Object.entries(ROUTING_NUMERIC_ENV)) {
+    const raw = env[name];
+    if (raw === undefined || raw === "") continue;
+    const value = Number(raw);
+    if (!Number.isFinite(value) || value < 0) throw new Error(`${name} must be a non-negative number, got "${raw}"`);
+    options[key] = value;
+  }
+  if (env.DNS_SERVER) options.dnsServer = env.DNS_SERVER;
+  return options;
+}
+
+/** Marks a peer's probe: answered from local state only, never probed further. */
+export const PROBE_HEADER = "x-party-sockets-probe";
+const REPLAY_TIMEOUT = "timeout=5s;fallback=force_self";
+const NEVER_ROOM_PATHS = new Set(["/health", "/metrics", "/client.js"]);
+/** Fly machine ids are 14 hex digits; ours default to 8. Anything else is no hint. */
+const INSTANCE_ID_PATTERN = /^[A-Za-z0-9_-]{1,64}$/;
+const PROBE_CACHE_MAX_ENTRIES = 10_000;
+/** `vms.<app>.internal` is re-read at most this often (Fly answers it with a 5 s TTL). */
+const PEER_LIST_CACHE_MS = 5000;
+const PROBE_FAILED_LOG_EVERY_MS = 10_000;
+
+type ProbeResult = "hit" | "miss" | "error" | "timeout" | "aborted" | "skipped";
+type ReplayKind = "instance" | "region";
+
+interface RoutingContext {
+  options: RoutingOptions;
+  flyAppName: string;
+  instanceId: string;
+  region: string;
+  /** The port peers listen on: ours (every machine runs the same config). */
+  port: () => number;
+  hasRoom: (code: string) => boolean;
+  log: Logger;
+}
+
+interface Peer {
+  id: string;
+  region: string;
+}
+
+/** The room code a path names: `/<code>` or `/room/<code>`, well-formed only. */
+function codeFromPath(pathname: string): string | null {
+  const raw = pathname.startsWith("/room/") ? pathname.slice(6) : pathname.slice(1);
+  return raw.length === 6 && decodeRoomCode(raw) !== null ? raw : null;
+}
+
+/** `instance=…;region=…;t=…` → its fields. */
+function parseReplaySrc(header: string): Record<string, string> {
+  const fields: Record<string, string> = {};
+  for (const part of header.split(";")) {
+    const eq = part.indexOf("=");
+    if (eq > 0) fields[part.slice(0, eq).trim()] = part.slice(eq + 1).trim();
+  }
+  return fields;
+}
+
+/** `vms.<app>.internal` TXT → peers. Bun returns each TXT character-string as its own entry, so all are joined. */
+function parsePeerList(records: string[][]): Peer[] {
+  return records
+    .flat()
+    .join("")
+    .split(",")
+    .map((entry) => entry.trim().split(/\s+/))
+    .filter((parts): parts is [string, string] => parts.length === 2 && INSTANCE_ID_PATTERN.test(parts[0]!))
+    .map(([id, region]) => ({ id, region: region.toLowerCase() }));
+}
+
+function createRouter(ctx: RoutingContext) {
+  const { options, instanceId } = ctx;
+  const region = ctx.region.toLowerCase();
+  const probes = new Map<ProbeResult, number>(["hit", "miss", "error", "timeout", "aborted", "skipped"].map((r) => [r as ProbeResult, 0]));
+  const answered = new Map<"hit" | "miss", number>([["hit", 0], ["miss", 0]]);
+  const replays = new Map<ReplayKind, number>([["instance", 0], ["region", 0]]);
+  const resolver = new Resolver({ timeout: Math.max(100, Math.floor(options.probeTimeoutMs / 2)), tries: 1 });
+  if (options.dnsServer) resolver.setServers([options.dnsServer]);
+
+  const cache = new Map<string, { owner: string | null; untilMs: number }>();
+  const inflight = new Map<string, Promise<string | null>>();
+  let peerList: { peers: Peer[]; untilMs: number } | undefined;
+  let peerListLookup: Promise<Peer[]> | undefined;
+  const addresses = new Map<string, { address: string; untilMs: number }>();
+  const burst = options.probeBudgetPerSec * 2;
+  let tokens = burst;
+  let tokensAtMs = Date.now();
+  const lastFailureLogMs = new Map<string, number>();
+
+  const replay = (value: string, kind: ReplayKind): Response => {
+    bump(replays, kind);
+    return new Response("replaying\n", {
+      status: 409,
+      headers: { "Access-Control-Allow-Origin": "*", "fly-replay": value, "Content-Type": "text/plain" },
+    });
+  };
+
+  function probeFailed(peer: string, reason: string): void {
+    const nowMs = Date.now();
+    if (nowMs - (lastFailureLogMs.get(peer) ?? 0) < PROBE_FAILED_LOG_EVERY_MS) return;
+    lastFailureLogMs.set(peer, nowMs);
+    ctx.log.warn("probe_failed", { peer, reason });
+  }
+
+  function takeBudget(n: number): boolean {
+    const nowMs = Date.now();
+    tokens = Math.min(burst, tokens + ((nowMs - tokensAtMs) / 1000) * options.probeBudgetPerSec);
+    tokensAtMs = nowMs;
+    if (tokens < n) return false;
+    tokens -= n;
+    return true;
+  }
+
+  function remember(code: string, owner: string | null): void {
+    if (cache.size >= PROBE_CACHE_MAX_ENTRIES) cache.delete(cache.keys().next().value!);
+    cache.set(code, { owner, untilMs: Date.now() + (owner ? options.probeHitCacheMs : options.probeMissCacheMs) });
+  }
+
+  /** This region's other machines, from `vms.<app>.internal`. */
+  function regionPeers(): Promise<Peer[]> {
+    if (peerList && peerList.untilMs > Date.now()) return Promise.resolve(peerList.peers);
+    peerListLookup ??= resolver
+      .resolveTxt(`vms.${ctx.flyAppName}.internal`)
+      .then(parsePeerList, (err: NodeJS.ErrnoException) => {
+        probeFailed("dns", `vms lookup: ${err.code ?? err.message}`);
+        return [] as Peer[];
+      })
+      .then((all) => {
+        const peers = all.filter((p) => p.region === region && p.id !== instanceId);
+        peerList = { peers, untilMs: Date.now() + PEER_LIST_CACHE_MS };
+        return peers;
+      })
+      .finally(() => (peerListLookup = undefined));
+    return peerListLookup;
+  }
+
+  /** `<id>.vm.<app>.internal`: IPv6 on Fly's 6PN, IPv4 where only that exists (tests). */
+  async function addressOf(id: string): Promise<string> {
+    const known = addresses.get(id);
+    if (known && known.untilMs > Date.now()) return known.address;
+    const name = `${id}.vm.${ctx.flyAppName}.internal`;
+    const [v6, v4] = await Promise.allSettled([resolver.resolve6(name), resolver.resolve4(name)]);
+    const address = (v6.status === "fulfilled" && v6.value[0] ? `[${v6.value[0]}]` : undefined) ?? (v4.status === "fulfilled" ? v4.value[0] : undefined);
+    if (!address) throw new Error(`no address for ${name}`);
+    if (addresses.size >= PROBE_CACHE_MAX_ENTRIES) addresses.clear();
+    addresses.set(id, { address, untilMs: Date.now() + PEER_LIST_CACHE_MS });
+    return address;
+  }
+
+  async function probeOne(peer: Peer, code: string, round: AbortSignal, won: AbortSignal): Promise<boolean> {
+    let result: ProbeResult;
+    try {
+      const address = await addressOf(peer.id);
+      const res = await fetch(`http://${address}:${ctx.port()}/room/${code}`, {
+        headers: { [PROBE_HEADER]: instanceId },
+        signal: round,
+      });
+      await res.body?.cancel();
+      result = res.status === 200 ? "hit" : res.status === 404 ? "miss" : "error";
+      if (result === "error") probeFailed(peer.id, `status ${res.status}`);
+    } catch (err) {
+      result = won.aborted ? "aborted" : round.aborted ? "timeout" : "error";
+      if (result !== "aborted") probeFailed(peer.id, result === "timeout" ? "timeout" : String((err as Error).message ?? err));
+    }
+    bump(probes, result);
+    return result === "hit";
+  }
+
+  /** One bounded round over this region's peers: the first owner found, or null. */
+  async function probeRound(code: string): Promise<string | null> {
+    const round = new AbortController();
+    const won = new AbortController();
+    const timer = setTimeout(() => round.abort(), options.probeTimeoutMs);
+    try {
+      const peers = await Promise.race([
+        regionPeers(),
+        new Promise<Peer[]>((resolve) => round.signal.addEventListener("abort", () => resolve([]))),
+      ]);
+      if (peers.length === 0 || round.signal.aborted) return null;
+      if (!takeBudget(peers.length)) {
+        bump(probes, "skipped", peers.length);
+        return null;
+      }
+      let owner: string | null = null;
+      const queue = [...peers];
+      const worker = async () => {
+        for (let peer = queue.shift(); peer && !owner && !round.signal.aborted; peer = queue.shift()) {
+          if (await probeOne(peer, code, round.signal, won.signal)) {
+            owner ??= peer.id;
+            won.abort();
+            round.abort(); // the rest are cancelled
+          }
+        }
+      };
+      const workers = Promise.all(Array.from({ length: Math.min(options.probeConcurrency, peers.length) }, worker));
+      // The answer never waits past the round's end, even for a peer whose DNS lookup hangs.
+      await Promise.race([workers, new Promise((resolve) => round.signal.addEventListener("abort", resolve))]);
+      // Peers never asked because the round ended count as aborted (after a hit) or timed out.
+      const unasked = queue.splice(0);
+      if (unasked.length > 0) bump(probes, owner ? "aborted" : "timeout", unasked.length);
+      return owner;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Which same-region peer holds `code`, probing at most once at a time per code. */
+  function findOwner(code: string): Promise<string | null> {
+    const cached = cache.get(code);
+    if (cached && cached.untilMs > Date.now()) return Promise.resolve(cached.owner);
+    let pending = inflight.get(code);
+    if (!pending) {
+      pending = probeRound(code)
+        .then((owner) => {
+          remember(code, owner);
+          return owner;
+        })
+        .finally(() => inflight.delete(code));
+      inflight.set(code, pending);
+    }
+    return pending;
+  }
+
+  /**
+   * Where a request goes: null to serve it here, or the answer to send (a 409
+   * replay or a 302). Synchronous unless peers must be probed.
+   */
+  function route(req: Request, url: URL): Response | null | Promise<Response | null> {
+    if (!ctx.flyAppName || NEVER_ROOM_PATHS.has(url.pathname)) return null;
+    if (req.headers.has(PROBE_HEADER)) {
+      // A peer's probe: local state only, never probe again.
+      const code = codeFromPath(url.pathname);
+      if (code && url.pathname.startsWith("/room/")) bump(answered, ctx.hasRoom(code) ? "hit" : "miss");
+      return null;
+    }
+    const src = req.headers.get("fly-replay-src");
+    const fellBack = req.headers.has("fly-replay-failed") || (src !== null && parseReplaySrc(src).instance === instanceId);
+    const replayed = src !== null || fellBack;
+
+    const pinned = url.searchParams.get("instance");
+    if (pinned !== null && INSTANCE_ID_PATTERN.test(pinned)) {
+      if (pinned === instanceId) return null;
+      if (!replayed) return replay(`instance=${pinned};${REPLAY_TIMEOUT}`, "instance");
+      // We are the fallback: the pinned machine is gone.
+      if (req.headers.get("upgrade")?.toLowerCase() === "websocket") return null;
+      const params = new URLSearchParams(url.search);
+      params.delete("instance");
+      const query = params.toString();
+      return new Response(null, {
+        status: 302,
+        headers: { "Access-Control-Allow-Origin": "*", Location: url.pathname + (query ? `?${query}` : "") },
+      });
+    }
+
+    const code = codeFromPath(url.pathname);
+    if (!code || ctx.hasRoom(code)) return null;
+    const home = regionOfCode(code);
+    if (home !== null && home !== region) {
+      return replayed ? null : replay(`region=${home};${REPLAY_TIMEOUT}`, "region");
+    }
+    // A same-region replay or a fallback already went through a probe: serve here.
+    if (fellBack || (src !== null && (parseReplaySrc(src).region ?? "").toLowerCase() === region)) return null;
+    return findOwner(code).then((owner) => (owner ? replay(`instance=${owner};${REPLAY_TIMEOUT}`, "instance") : null));
+  }
+
+  return { route, probes, answered, replays };
+}
+type Router = ReturnType<typeof createRouter>;
+
 // ==================================================================== factory
 
 export interface Relay {
@@ -437,6 +945,15 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   const log = makeLogger(options.logLevel, options.logSink);
   const counters = makeCounters();
   const startedAtMs = Date.now();
+  const router = createRouter({
+    options,
+    flyAppName: options.flyAppName,
+    instanceId,
+    region,
+    port: () => server.port ?? options.port,
+    hasRoom: (code) => rooms.has(code),
+    log,
+  });
 
   const rooms = new Map<string, Room>();
   const conns = new Set<Socket>();
@@ -498,10 +1015,9 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       .replaceAll("{instance}", encodeURIComponent(instanceId));
   }
 
+  /** The region's index rides in the code's top bits (regions.ts), so any machine can route it. */
   function newRoomCode(): string {
-    let code = randomRoomCode();
-    while (rooms.has(code)) code = randomRoomCode();
-    return code;
+    return generateRoomCode(region, (code) => rooms.has(code));
   }
 
   function seat(ws: Socket, room: Room, member: Member): void {
@@ -550,7 +1066,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function deleteRoom(room: Room, reason: string): void {
     room.closed = true;
-    ringTotalBytes -= room.ringBytes;
+    ringTotalBytes -= room.ring.size;
     clearTimeout(room.hostGraceTimer);
     rooms.delete(room.code);
     const left = (roomsByIp.get(room.creatorIp) ?? 1) - 1;
@@ -602,9 +1118,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       present: 1,
       closed: false,
       seq: 0,
-      ring: [],
-      ringHead: 0,
-      ringBytes: 0,
+      ring: new FrameRing(options.resumeRoomFrames, options.resumeRoomBytes),
     };
     rooms.set(code, room);
     bump(roomsByIp, conn.ip);
@@ -648,7 +1162,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
    */
   function sendJoined(ws: Socket, room: Room, member: Member, resume: number | undefined, askedToResume: boolean): void {
     const after = resume === undefined ? undefined : Math.max(resume, member.sinceSeq);
-    const resumed = after !== undefined && after <= room.seq && oldestSeq(room) <= after + 1;
+    const oldest = room.ring.oldest() ?? room.seq + 1;
+    const resumed = after !== undefined && after <= room.seq && oldest <= after + 1;
     const joined = {
       type: "joined",
       room: room.code,
@@ -659,7 +1174,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       url: room.url,
       seq: room.seq,
       resumed: askedToResume ? resumed : undefined,
-      oldest: askedToResume && !resumed ? oldestSeq(room) : undefined,
+      oldest: askedToResume && !resumed ? oldest : undefined,
     };
     deliver(ws, JSON.stringify(joined));
     if (askedToResume) bump(counters.resumes, resumed ? "resumed" : "too_old");
@@ -668,7 +1183,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   }
 
   /** The hot path: one serialisation, fanout through the room topic. */
-  function handleSend(ws: Socket, msg: SendMessage & { dataJson: string | undefined }): void {
+  function handleSend(ws: Socket, msg: ValidSend): void {
     const { room, member } = ws.data;
     if (!room || !member) return sendError(ws, "not_in_room");
     const to = msg.to;
@@ -690,7 +1205,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   }
 
   /** Numbers a relayed frame and keeps it for `resume`. */
-  function relayFrame(room: Room, from: Member, dataJson: string | undefined, to: RingEntry["to"], nowMs: number): string {
+  function relayFrame(room: Room, from: Member, dataJson: string | undefined, to: Recipients, nowMs: number): string {
     const seq = ++room.seq;
     const frame =
       dataJson === undefined ? from.messagePrefix + seq + "}" : from.messagePrefix + seq + ',"data":' + dataJson + "}";
@@ -732,54 +1247,30 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   let ringTotalBytes = 0;
 
-  function remember(room: Room, seq: number, frame: string, from: number, to: RingEntry["to"], atMs: number): void {
+  function remember(room: Room, seq: number, frame: string, from: number, to: Recipients, atMs: number): void {
     if (options.resumeWindowMs === 0) return;
-    room.ring.push({ seq, frame, from, to, atMs });
-    room.ringBytes += frame.length;
-    ringTotalBytes += frame.length;
-    trimRing(room, atMs);
-  }
-
-  /** Drops the oldest frames past any bound: age, count, bytes per room, bytes per process. */
-  function trimRing(room: Room, nowMs: number): void {
     const { ring } = room;
-    const oldestAllowedMs = nowMs - options.resumeWindowMs;
-    while (room.ringHead < ring.length) {
-      const entry = ring[room.ringHead]!;
-      const over =
-        entry.atMs < oldestAllowedMs ||
-        ring.length - room.ringHead > options.resumeRoomFrames ||
-        room.ringBytes > options.resumeRoomBytes ||
-        ringTotalBytes > options.resumeTotalBytes;
-      if (!over) break;
-      room.ringBytes -= entry.frame.length;
-      ringTotalBytes -= entry.frame.length;
-      ring[room.ringHead++] = undefined as unknown as RingEntry;
-    }
-    // Compact rarely, so dropping from the head stays O(1) amortised.
-    if (room.ringHead > 64 && room.ringHead * 2 > ring.length) {
-      room.ring = ring.slice(room.ringHead);
-      room.ringHead = 0;
+    const before = ring.size;
+    ring.push(seq, frame, from, to, atMs);
+    ringTotalBytes += ring.size - before;
+    // Past the process-wide cap, the room that adds a frame gives up its own oldest.
+    while (ringTotalBytes > options.resumeTotalBytes && ring.count > 1) {
+      const size = ring.size;
+      ring.dropOldest();
+      ringTotalBytes -= size - ring.size;
     }
   }
 
-  /** The oldest seq the ring can replay; one past the latest when it holds nothing. */
-  function oldestSeq(room: Room): number {
-    return room.ringHead < room.ring.length ? room.ring[room.ringHead]!.seq : room.seq + 1;
-  }
-
-  function addressedTo(entry: RingEntry, index: number): boolean {
-    const { to } = entry;
-    if (to === undefined) return entry.from !== index;
-    return typeof to === "number" ? to === index : to.includes(index);
+  function expireRing(room: Room, nowMs: number): void {
+    const before = room.ring.size;
+    room.ring.expire(nowMs - options.resumeWindowMs);
+    ringTotalBytes -= before - room.ring.size;
   }
 
   function replayMissed(ws: Socket, room: Room, index: number, after: number): void {
-    for (let i = room.ringHead; i < room.ring.length; i++) {
-      const entry = room.ring[i]!;
-      if (entry.seq <= after || !addressedTo(entry, index)) continue;
+    for (const frame of room.ring.addressedTo(index, after)) {
       counters.framesReplayed++;
-      deliver(ws, entry.frame);
+      deliver(ws, frame);
     }
   }
 
@@ -817,7 +1308,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   function dispatch(ws: Socket, msg: Valid): void {
     switch (msg.type) {
       case "send":
-        return handleSend(ws, msg as SendMessage & { dataJson: string | undefined });
+        return handleSend(ws, msg);
       case "create":
         return handleCreate(ws, msg);
       case "join":
@@ -906,7 +1397,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
    */
   const heartbeat = setInterval(() => {
     const nowMs = Date.now();
-    for (const room of rooms.values()) trimRing(room, nowMs);
+    for (const room of rooms.values()) expireRing(room, nowMs);
     for (const ws of conns) {
       if (ws.data.closing) continue;
       const silentMs = nowMs - ws.data.lastSeenMs;
@@ -954,6 +1445,9 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   function statusSnapshot(req: Request): Response {
     if (options.dashboardUrl) return new Response(null, { status: 302, headers: { ...corsHeaders, Location: options.dashboardUrl } });
     const { rooms: roomCount, clients } = stats();
+    if (req.headers.get("accept")?.includes("text/html")) {
+      return text(statusPageHtml({ rooms: roomCount, clients, instance: instanceId, region, version: VERSION }), "text/html; charset=utf-8");
+    }
     return text(`rooms: ${roomCount}\nclients: ${clients}\n`, "text/plain; charset=utf-8");
   }
 
@@ -989,8 +1483,15 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     return text("Expected a WebSocket upgrade\n", "text/plain", 400);
   }
 
-  function fetch(req: Request, srv: Server<Conn>): Response | undefined {
+  /** Routing first (SPEC §5: maybe a fly-replay elsewhere), then this machine's own answer. */
+  function fetch(req: Request, srv: Server<Conn>): Response | undefined | Promise<Response | undefined> {
     const url = new URL(req.url);
+    const routed = router.route(req, url);
+    if (routed instanceof Promise) return routed.then((answer) => answer ?? serveHere(req, url, srv));
+    return routed ?? serveHere(req, url, srv);
+  }
+
+  function serveHere(req: Request, url: URL, srv: Server<Conn>): Response | undefined {
     if (req.headers.get("upgrade")?.toLowerCase() === "websocket") return upgrade(req, srv);
     const route = routes[url.pathname];
     if (route) return route(req);
@@ -1048,12 +1549,15 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     family("party_sockets_rate_limited_frames_total", "counter", "Frames dropped by the rate limit", one(counters.rateLimitedFrames));
     family("party_sockets_errors_total", "counter", "Error frames sent, by code", byLabel("code", counters.errors));
     family("party_sockets_closes_total", "counter", "Closes the relay initiated, by close code", byLabel("code", counters.closes));
+    family("party_sockets_probes_total", "counter", "Probes this machine sent to same-region peers, by result", byLabel("result", router.probes));
+    family("party_sockets_probes_answered_total", "counter", "Peer probes this machine answered from local state", byLabel("result", router.answered));
+    family("party_sockets_replays_total", "counter", "fly-replay answers sent, by kind", byLabel("kind", router.replays));
     family("party_sockets_resumes_total", "counter", "Joins with resume, by result", [
       [`,result="resumed"`, counters.resumes.get("resumed") ?? 0],
       [`,result="too_old"`, counters.resumes.get("too_old") ?? 0],
     ]);
     family("party_sockets_frames_replayed_total", "counter", "Frames replayed to resuming members", one(counters.framesReplayed));
-    family("party_sockets_resume_buffer_bytes", "gauge", "Relayed frames kept for resume, in string length", one(ringTotalBytes));
+    family("party_sockets_resume_buffer_bytes", "gauge", "UTF-8 bytes of relayed frames kept for resume", one(ringTotalBytes));
     family("process_resident_memory_bytes", "gauge", "Resident set size", one(memory.rss));
     family("process_heap_used_bytes", "gauge", "JavaScript heap in use", one(memory.heapUsed));
     family("process_uptime_seconds", "gauge", "Seconds since the relay started", one((Date.now() - startedAtMs) / 1000));

@@ -42,6 +42,14 @@ function deepNest(rng: Rng): string {
   return '{"type":"send","data":' + open.repeat(depth) + "1" + close.repeat(depth) + "}";
 }
 
+/** Frames shaped like the relay's splice fast path, with junk where `to` and `data` go. */
+function spliceBait(rng: Rng): string {
+  const junk = () => rng.pick(['1,"from":9', '1,"type":"x"', "", " ", "{", '"\\"', "1}", "[1,", '01', "1 2", '{"a":1}}', "null,", "0", "-0", '"\\ud800"']);
+  return rng.next() < 0.5
+    ? '{"type":"send","data":' + junk() + "}"
+    : '{"type":"send","to":' + rng.pick(["0", "1", "01", "", "1.5", "99999999999", "2"]) + ',"data":' + junk() + "}";
+}
+
 /** A frame that is valid JSON object with a valid shape, for a room that exists. */
 function validish(rng: Rng, code: string): Record<string, unknown> {
   const clientId = "fuzz-" + rng.int(50);
@@ -79,6 +87,7 @@ function hostileFrame(rng: Rng, code: string): { frame: string | Uint8Array; mus
   if (roll < 0.27) return { frame: crypto.getRandomValues(new Uint8Array(1 + rng.int(64))), mustError: true };
   if (roll < 0.3) return { frame: "x".repeat(MAX_MESSAGE_BYTES + 1 + rng.int(1000)), mustError: true, oversized: true };
   if (roll < 0.36) return { frame: deepNest(rng), mustError: false };
+  if (roll < 0.39) return { frame: spliceBait(rng), mustError: false };
   if (roll < 0.42) return { frame: JSON.stringify({ type: rng.pick(TYPES.slice(7)), data: 1 }), mustError: true };
   if (roll < 0.75) return { frame: JSON.stringify(mutate(rng, validish(rng, code))), mustError: false };
   return { frame: JSON.stringify(validish(rng, code)), mustError: false };

@@ -36,7 +36,14 @@ export class TestClient {
     ws.onmessage = (e) => {
       const text = String(e.data);
       this.raw.push(text);
-      this.frames.push(JSON.parse(text));
+      // A frame that is not JSON is queued under a type no test expects, so it fails loudly.
+      let frame: Frame;
+      try {
+        frame = JSON.parse(text);
+      } catch {
+        frame = { type: "<invalid JSON from the relay>", text };
+      }
+      this.frames.push(frame);
       this.wake();
     };
     this.closed = new Promise((resolve) => {
