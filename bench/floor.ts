@@ -16,6 +16,14 @@
 //   unchanged to that slot only (`ws.send`), without parsing the rest; a missing slot drops it.
 // - close → `{"type":"peer_left","index":N}` to the others; the room is forgotten when empty.
 //
+// FLOOR_WRAP=1 ("floor-wrap" in the runner): instead of the sender's frame, deliver exactly
+// the relay's frame shape, `{"type":"message","from":N,"seq":S,"data":X}`, built by the
+// cheapest JS there is (one slice of X, one concatenation, a per-room counter), still with no
+// parse, validation, rate limit or resume buffer. It assumes the bench's sender frames,
+// `{"type":"send",["to":N,]"data":X}`. The gap floor → floor-wrap is what the protocol's
+// frame shape costs in Bun (new string, ~25 more bytes per delivery over loopback); the gap
+// floor-wrap → ours is what our own logic costs.
+//
 // Run: `PORT=9001 bun run bench/floor.ts` (PORT 0 picks a free port). Prints one JSON line
 // `{"event":"start","port":N}` on stdout. GET /health answers 200.
 
@@ -26,6 +34,8 @@ interface FloorRoom {
   readonly topic: string;
   readonly slots: (ServerWebSocket<Member> | null)[];
   present: number;
+  /** FLOOR_WRAP: the last frame number. */
+  seq: number;
 }
 
 interface Member {
@@ -40,6 +50,9 @@ const TO_PROBE_INDEX = 16;
 const CODE_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
 
 const rooms = new Map<string, FloorRoom>();
+const WRAP = process.env.FLOOR_WRAP === "1";
+/** `{"type":"send","data":` */
+const DATA_AT = 22;
 
 function newCode(): string {
   for (;;) {
@@ -48,6 +61,9 @@ function newCode(): string {
     if (!rooms.has(code)) return code;
   }
 }
+
+/** Where the digits of a targeted frame end (set by targetSlot). */
+let digitsEnd = 0;
 
 /** The slot named by a targeted frame, or -1 when the frame is not `{"type":"send","to":<digits>`. */
 function targetSlot(frame: string): number {
@@ -59,7 +75,13 @@ function targetSlot(frame: string): number {
     if (c < 0 || c > 9) break;
     n = n * 10 + c;
   }
+  digitsEnd = i;
   return i === TO_PREFIX.length ? -1 : n;
+}
+
+/** FLOOR_WRAP: the relay's frame around the data text that starts at `dataAt`. */
+function wrap(room: FloorRoom, from: number, frame: string, dataAt: number): string {
+  return '{"type":"message","from":' + from + ',"seq":' + ++room.seq + ',"data":' + frame.slice(dataAt, -1) + "}";
 }
 
 function firstFrame(server: Server<Member>, ws: ServerWebSocket<Member>, frame: string): void {
@@ -72,7 +94,7 @@ function firstFrame(server: Server<Member>, ws: ServerWebSocket<Member>, frame: 
   }
   if (msg.type === "create") {
     const code = newCode();
-    const room: FloorRoom = { code, topic: "r:" + code, slots: [ws], present: 1 };
+    const room: FloorRoom = { code, topic: "r:" + code, slots: [ws], present: 1, seq: 0 };
     rooms.set(code, room);
     ws.data.room = room;
     ws.data.slot = 0;
@@ -114,10 +136,11 @@ export function startFloor(port: number): Server<Member> {
         if (room === null) return firstFrame(server, ws, message);
         const to = targetSlot(message);
         if (to < 0) {
-          ws.publish(room.topic, message);
+          ws.publish(room.topic, WRAP ? wrap(room, ws.data.slot, message, DATA_AT) : message);
         } else {
           const target = room.slots[to];
-          if (target) target.send(message);
+          // `,"data":` follows the digits: 8 characters.
+          if (target) target.send(WRAP ? wrap(room, ws.data.slot, message, digitsEnd + 8) : message);
         }
       },
       close(ws) {

@@ -53,6 +53,13 @@ const SERVERS: ServerKind[] = [
     env: {},
     scenarios: SCENARIOS,
   },
+  {
+    name: "floor-wrap",
+    what: "bench/floor.ts with FLOOR_WRAP=1: delivers our exact frame shape {type,from,seq,data} built by one slice + concat; no parse, validation, rate limit or resume buffer",
+    cmd: ["bun", "run", "bench/floor.ts"],
+    env: { FLOOR_WRAP: "1" },
+    scenarios: ["fanout-closed", "targeted-closed"],
+  },
 ];
 
 // ------------------------------------------------------------------ options
@@ -299,7 +306,7 @@ function report(o: RunOptions, env: Record<string, unknown>, records: RunRecord[
   }
 
   lines.push("## Ours / floor (server CPU per unit; issue 6 asks ≤ 1.15)", "");
-  lines.push("| scenario | unit | floor | ours | ours / floor | ours-rl | ours-rl / floor |", "|---|---|---:|---:|---:|---:|---:|");
+  lines.push("| scenario | unit | floor | ours | ours / floor | ours-rl | ours-rl / floor | floor-wrap / floor | ours / floor-wrap |", "|---|---|---:|---:|---:|---:|---:|---:|---:|");
   for (const scenario of ["fanout-closed", "targeted-closed", "churn", "fanout-open", "targeted-open"] as Scenario[]) {
     const get = (server: string) => all.find((r) => r.scenario === scenario && r.server === server);
     const floor = get("floor");
@@ -314,9 +321,15 @@ function report(o: RunOptions, env: Record<string, unknown>, records: RunRecord[
     };
     const [ours, oursRatio] = cell("ours");
     const [rl, rlRatio] = cell("ours-rl");
-    lines.push(`| ${scenario} | µs/${scenario === "churn" ? "cycle" : "delivery"} | ${fmt(f, 3)} | ${ours} | ${oursRatio} | ${rl} | ${rlRatio} |`);
+    const wrapRow = get("floor-wrap");
+    const oursRow = get("ours");
+    const w = wrapRow ? unitCost(wrapRow) : NaN;
+    const wrapRatio = Number.isFinite(w / f) ? `${(w / f).toFixed(2)}×` : "–";
+    const oursOverWrap = oursRow && Number.isFinite(unitCost(oursRow) / w) ? `${(unitCost(oursRow) / w).toFixed(2)}×` : "–";
+    lines.push(`| ${scenario} | µs/${scenario === "churn" ? "cycle" : "delivery"} | ${fmt(f, 3)} | ${ours} | ${oursRatio} | ${rl} | ${rlRatio} | ${wrapRatio} | ${oursOverWrap} |`);
   }
   lines.push("");
+  lines.push("floor-wrap / floor is what the protocol's frame shape alone costs (a new string per message, ~25 more bytes per delivery, which loopback TCP charges to the sending process twice); ours / floor-wrap is what our validation, rate limit and resume buffer cost.", "");
   lines.push("Open-loop rows (20 Hz) run the server at a few % CPU, so their per-delivery cost includes fixed per-turn overheads; the closed-loop rows and churn are the comparison issue 6 asks for.", "");
 
   const failures = records.filter((r) => r.error);
