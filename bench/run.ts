@@ -3,8 +3,9 @@
 //   bun run bench/run.ts            full: 10 s windows, 2 repetitions, 10 000 idle connections
 //   bun run bench/run.ts --quick    a few seconds per scenario, for development
 //
-// Options: --reps N, --warmup S, --duration S, --idle-conns N, --scenarios a,b,…,
-// --servers ours,ours-rl,floor, --out DIR.
+// Options: --reps N, --warmup S, --duration S, --idle-conns N, --data-bytes N (size of the
+// relayed data object, default 120), --scenarios a,b,…, --servers ours,ours-rl,floor,floor-wrap,
+// --out DIR.
 //
 // For every repetition and scenario it starts each server fresh as a child process
 // (ours: `bun run server.ts`; the floor: `bun run bench/floor.ts`), pinned with taskset
@@ -70,6 +71,7 @@ interface RunOptions {
   warmupS: number;
   durationS: number;
   idleConns: number;
+  dataBytes: number;
   scenarios: Scenario[];
   servers: string[];
   out: string;
@@ -83,6 +85,7 @@ function parseArgs(argv: string[]): RunOptions {
     warmupS: quick ? 1 : 3,
     durationS: quick ? 3 : 10,
     idleConns: quick ? 2000 : 10_000,
+    dataBytes: 120,
     scenarios: [...SCENARIOS],
     servers: SERVERS.map((s) => s.name),
     out: "",
@@ -96,6 +99,7 @@ function parseArgs(argv: string[]): RunOptions {
     else if (flag === "--warmup") o.warmupS = Number(value);
     else if (flag === "--duration") o.durationS = Number(value);
     else if (flag === "--idle-conns") o.idleConns = Number(value);
+    else if (flag === "--data-bytes") o.dataBytes = Number(value);
     else if (flag === "--out") o.out = value;
     else if (flag === "--scenarios") {
       o.scenarios = value.split(",") as Scenario[];
@@ -189,6 +193,7 @@ async function runOne(o: RunOptions, kind: ServerKind, scenario: Scenario, rep: 
       "--warmup", String(o.warmupS),
       "--duration", String(o.durationS),
       "--idle-conns", String(o.idleConns),
+      "--data-bytes", String(o.dataBytes),
       "--gen-core", String(cores.gen),
       "--server-core", String(cores.server),
     ];
@@ -377,7 +382,7 @@ async function main(): Promise<void> {
     pinning: cores.gen >= 0 ? `server on core ${cores.server}, load generator on core ${cores.gen} (taskset)` : "one core: not pinned",
     "loadavg at start": loadavg(),
     "core busy in the 1 s before start": busyAtStart.join(", "),
-    scenarios: "50 rooms × 8, ~120-byte data; open loop 20 Hz per client; closed loop window 16 per client; churn 16 lanes of rooms of 4",
+    scenarios: `50 rooms × 8, ${o.dataBytes}-byte data object; open loop 20 Hz per client; closed loop window 16 per client; churn 16 lanes of rooms of 4`,
     "idle connections": `${o.idleConns} in rooms of 4`,
     "fd limit (hard, used as soft for children)": hardFds,
   };
