@@ -127,6 +127,11 @@ const NUMERIC_ENV = {
   RESUME_ROOM_FRAMES: "resumeRoomFrames",
   RESUME_ROOM_BYTES: "resumeRoomBytes",
   RESUME_TOTAL_BYTES: "resumeTotalBytes",
+  PROBE_TIMEOUT_MS: "probeTimeoutMs",
+  PROBE_CONCURRENCY: "probeConcurrency",
+  PROBE_BUDGET_PER_SEC: "probeBudgetPerSec",
+  PROBE_MISS_CACHE_MS: "probeMissCacheMs",
+  PROBE_HIT_CACHE_MS: "probeHitCacheMs",
 } as const satisfies Record<string, keyof RelayOptions>;
 
 const LOG_LEVELS: readonly LogLevel[] = ["debug", "info", "warn", "error", "silent"];
@@ -149,11 +154,13 @@ export function optionsFromEnv(env: Record<string, string | undefined> = process
   const flyAppName = text("FLY_APP_NAME");
   const dashboardUrl = text("DASHBOARD_URL");
   const logLevel = text("LOG_LEVEL");
+  const dnsServer = text("DNS_SERVER");
   if (hostname) options.hostname = hostname;
   if (instanceId) options.instanceId = instanceId;
   if (region) options.region = region;
   if (flyAppName) options.flyAppName = flyAppName;
   if (dashboardUrl) options.dashboardUrl = dashboardUrl;
+  if (dnsServer) options.dnsServer = dnsServer;
   if (logLevel) {
     if (!LOG_LEVELS.includes(logLevel as LogLevel)) throw new Error(`LOG_LEVEL must be one of ${LOG_LEVELS.join(", ")}`);
     options.logLevel = logLevel as LogLevel;
@@ -164,7 +171,6 @@ export function optionsFromEnv(env: Record<string, string | undefined> = process
     if (!certFile || !keyFile) throw new Error("TLS_CERT_FILE and TLS_KEY_FILE must be set together");
     options.tls = { certFile, keyFile };
   }
-  Object.assign(options, routingOptionsFromEnv(env));
   return options;
 }
 
@@ -642,28 +648,6 @@ function routingDefaults(): RoutingOptions {
     probeMissCacheMs: 2000,
     probeHitCacheMs: 10_000,
   };
-}
-
-const ROUTING_NUMERIC_ENV = {
-  PROBE_TIMEOUT_MS: "probeTimeoutMs",
-  PROBE_CONCURRENCY: "probeConcurrency",
-  PROBE_BUDGET_PER_SEC: "probeBudgetPerSec",
-  PROBE_MISS_CACHE_MS: "probeMissCacheMs",
-  PROBE_HIT_CACHE_MS: "probeHitCacheMs",
-} as const satisfies Record<string, keyof RoutingOptions>;
-
-/** DNS_SERVER and the PROBE_* variables. */
-function routingOptionsFromEnv(env: Record<string, string | undefined>): Partial<RoutingOptions> {
-  const options: Partial<RoutingOptions> = {};
-  for (const [name, key] of Object.entries(ROUTING_NUMERIC_ENV)) {
-    const raw = env[name];
-    if (raw === undefined || raw === "") continue;
-    const value = Number(raw);
-    if (!Number.isFinite(value) || value < 0) throw new Error(`${name} must be a non-negative number, got "${raw}"`);
-    options[key] = value;
-  }
-  if (env.DNS_SERVER) options.dnsServer = env.DNS_SERVER;
-  return options;
 }
 
 /** Marks a peer's probe: answered from local state only, never probed further. */

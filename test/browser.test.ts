@@ -6,7 +6,7 @@
 //   bun test test/browser.test.ts        (skips without chromium; with CI=true it fails instead)
 
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import type { Socket, TCPSocketListener } from "bun";
+import { startProxy } from "./tcp-proxy.ts";
 import { existsSync, mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -34,90 +34,6 @@ if (process.env.CI === "true" && !haveChromium) {
   test("chromium is installed (required when CI=true)", () => {
     throw new Error(`${CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)`);
   });
-}
-
-// --------------------------------------------------------------- TCP proxy
-
-interface ProxyConn {
-  client: Socket<ProxyConn | undefined>;
-  upstream?: Socket<ProxyConn>;
-  pending: Uint8Array[];
-  sawRequest: boolean;
-}
-
-/** Loopback TCP proxy in front of the relay: `cut()` resets live connections, `refusing` fails new ones. */
-function startProxy(targetPort: number) {
-  const conns = new Set<ProxyConn>();
-  const requests: string[] = [];
-  let refusing = false;
-  const listener: TCPSocketListener<ProxyConn | undefined> = Bun.listen<ProxyConn | undefined>({
-    hostname: "127.0.0.1",
-    port: 0,
-    data: undefined,
-    socket: {
-      open(client) {
-        if (refusing) return client.terminate();
-        const conn: ProxyConn = { client, pending: [], sawRequest: false };
-        client.data = conn;
-        conns.add(conn);
-        Bun.connect<ProxyConn>({
-          hostname: "127.0.0.1",
-          port: targetPort,
-          data: conn,
-          socket: {
-            open(up) {
-              conn.upstream = up;
-              for (const chunk of conn.pending) up.write(chunk);
-              conn.pending = [];
-            },
-            data(_up, chunk) {
-              conn.client.write(chunk);
-            },
-            close() {
-              conns.delete(conn);
-              conn.client.end();
-            },
-            error() {},
-          },
-        }).catch(() => client.terminate());
-      },
-      data(client, chunk) {
-        const conn = client.data;
-        if (!conn) return;
-        if (!conn.sawRequest) {
-          conn.sawRequest = true;
-          requests.push(new TextDecoder().decode(chunk).split("\r\n", 1)[0]!);
-        }
-        if (conn.upstream) conn.upstream.write(chunk);
-        else conn.pending.push(new Uint8Array(chunk));
-      },
-      close(client) {
-        const conn = client.data;
-        if (!conn) return;
-        conns.delete(conn);
-        conn.upstream?.end();
-      },
-      error() {},
-    },
-  });
-  return {
-    httpUrl: `http://127.0.0.1:${listener.port}`,
-    requests,
-    set refusing(value: boolean) {
-      refusing = value;
-    },
-    cut(): void {
-      for (const conn of [...conns]) {
-        conns.delete(conn);
-        conn.client.terminate();
-        conn.upstream?.terminate();
-      }
-    },
-    stop(): void {
-      listener.stop(true);
-      this.cut();
-    },
-  };
 }
 
 // ------------------------------------------------------------ the test page
