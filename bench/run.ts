@@ -334,7 +334,7 @@ function report(o: RunOptions, env: Record<string, unknown>, records: RunRecord[
     lines.push(`| ${scenario} | µs/${scenario === "churn" ? "cycle" : "delivery"} | ${fmt(f, 3)} | ${ours} | ${oursRatio} | ${rl} | ${rlRatio} | ${wrapRatio} | ${oursOverWrap} |`);
   }
   lines.push("");
-  lines.push("floor-wrap / floor is what the protocol's frame shape alone costs (a new string per message, ~25 more bytes per delivery, which loopback TCP charges to the sending process twice); ours / floor-wrap is what our validation, rate limit and resume buffer cost.", "");
+  lines.push("floor-wrap / floor is what the protocol's frame shape alone costs (a new string per message, ~25 more bytes per delivery; Bun's per-delivery cost is not linear in frame size, see bench/README.md); ours / floor-wrap is what our validation, rate limit and resume buffer cost.", "");
   lines.push("Open-loop rows (20 Hz) run the server at a few % CPU, so their per-delivery cost includes fixed per-turn overheads; the closed-loop rows and churn are the comparison issue 6 asks for.", "");
 
   const failures = records.filter((r) => r.error);
