@@ -102,7 +102,7 @@ export const DEFAULTS: Readonly<RelayOptions> = Object.freeze({
   resumeWindowMs: 30_000,
   resumeRoomFrames: 4096,
   resumeRoomBytes: 512 * 1024,
-  resumeTotalBytes: 64 * 1024 * 1024,
+  resumeTotalBytes: 32 * 1024 * 1024,
   ...routingDefaults(),
 });
 
