@@ -612,6 +612,14 @@ describe("validation errors", () => {
 });
 
 describe("HTTP", () => {
+  test("the default host '::' answers on IPv4 and IPv6 loopback (Fly's private network is IPv6)", async () => {
+    const r = relay({ hostname: DEFAULTS.hostname });
+    for (const host of ["127.0.0.1", "[::1]"]) {
+      const res = await fetch(`http://${host}:${r.port}/health`);
+      expect(await res.json()).toEqual({ status: "ok" });
+    }
+  });
+
   test("/health is 200 ok with CORS", async () => {
     const r = relay();
     const res = await fetch(`${r.url}/health`);
