@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 if [ ! -x node_modules/.bin/bun ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
+# npm may be set to skip install scripts; Bun's places its platform binary.
+node_modules/.bin/bun --version >/dev/null 2>&1 || (cd node_modules/bun && node install.js)
 export PATH="$PWD/node_modules/.bin:$PATH"
 echo "bun $(bun --version), node $(node --version)"
 
