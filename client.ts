@@ -651,14 +651,14 @@ export class Room extends EventTarget {
   /**
    * Lossless reconnect (issue 9). `resumed: true`: every missed frame follows, numbered after the
    * last one we delivered, so `lastSeq` stands. Otherwise (a first join, or a ring that no longer
-   * reached back): we start at the room's current `seq` (a new room starts at 0), and the `state`
+   * reached back): we start at the room's current `seq` (`created` says 0), and the `state`
    * replay that follows is a snapshot to deliver whatever its number. A relay without `seq`
    * leaves all of this off, and rejoins carry no `resume`.
    */
   #trackSeq(msg: CreatedMessage | JoinedMessage, resumed: boolean | undefined): void {
     this.#snapshotNext = false;
     if (resumed === true) return;
-    const seq = msg.type === "created" ? 0 : (msg as { seq?: unknown }).seq;
+    const seq = (msg as { seq?: unknown }).seq;
     if (typeof seq !== "number") return;
     this.#lastSeq = seq;
     this.#snapshotNext = true;

@@ -71,6 +71,8 @@ export interface CreatedMessage {
   instance: string;
   region: string;
   url?: string;
+  /** Always 0: a new room has relayed nothing yet (the starting point for `resume`). */
+  seq: 0;
 }
 export interface JoinedMessage {
   type: "joined";

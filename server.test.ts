@@ -24,7 +24,7 @@ describe("create", () => {
     const r = relay({ instanceId: "m1", region: "fra" });
     const { created } = await createRoom(r);
     expect(created.room).toMatch(BASE58_CODE);
-    expect(created).toMatchObject({ type: "created", index: 0, instance: "m1", region: "fra" });
+    expect(created).toMatchObject({ type: "created", index: 0, instance: "m1", region: "fra", seq: 0 });
   });
 
   test("the server picks the code: a client room field is ignored", async () => {

@@ -1135,7 +1135,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     originTotals(counters, conn.origin).rooms++;
     seat(ws, room, addMember(room, msg.clientId));
     log.info("room_created", { room: code, maxClients: msg.maxClients });
-    deliver(ws, JSON.stringify({ type: "created", room: code, instance: instanceId, region, index: 0, url: room.url }));
+    const created = { type: "created", room: code, instance: instanceId, region, index: 0, seq: 0, url: room.url };
+    deliver(ws, JSON.stringify(created));
   }
 
   function handleJoin(ws: Socket, msg: JoinMessage): void {
