@@ -2,8 +2,10 @@
 //
 // One Bun process keeps rooms of numbered slots in memory and forwards JSON
 // between them. It never interprets game data. Read top to bottom: options,
-// wire types, validation, rooms and handlers, HTTP, metrics, the factory, and
-// the block that runs when this file is started directly.
+// inbound validation, the room model (with the resume ring), logging, metric
+// counters, multi-machine routing, then the factory that wires rooms, handlers,
+// HTTP, metrics and lifecycle together, and the block that runs when this file
+// is started directly.
 
 import type { Server, ServerWebSocket } from "bun";
 // Bun imports client.ts as text (and the bundler inlines it), so the served
@@ -16,7 +18,6 @@ import { statusPageHtml } from "./status-page.ts";
 import {
   CLOSES,
   ERRORS,
-  type ClientMessage,
   type CloseName,
   type CreateMessage,
   type ErrorCode,
@@ -906,7 +907,6 @@ function createRouter(ctx: RoutingContext) {
 
   return { route, probes, answered, replays };
 }
-type Router = ReturnType<typeof createRouter>;
 
 // ==================================================================== factory
 
