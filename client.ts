@@ -231,9 +231,10 @@ function storeSet(store: ClientIdStore | null, code: string, clientId: string): 
     /* full or disabled: the slot just won't survive a reload */
   }
 }
-function storeRemove(store: ClientIdStore | null, code: string): void {
+/** Forgets `clientId` for `code`, unless a newer Room for the same code has stored its own since. */
+function storeRemove(store: ClientIdStore | null, code: string, clientId: string): void {
   try {
-    store?.removeItem(STORAGE_PREFIX + code);
+    if (store?.getItem(STORAGE_PREFIX + code) === clientId) store.removeItem(STORAGE_PREFIX + code);
   } catch {
     /* as above */
   }
@@ -539,7 +540,7 @@ export class Room extends EventTarget {
     this.#pending = null;
     this.#dropSocket();
     this.#phase = "closed";
-    if (code === "room_not_found" && this.#storeClientId) storeRemove(this.#store, this.code);
+    if (code === "room_not_found" && this.#storeClientId) storeRemove(this.#store, this.code, this.#clientId);
     pending?.reject(new RoomError(code, message));
   }
 
@@ -552,7 +553,7 @@ export class Room extends EventTarget {
     this.#removeLifecycleListeners();
     this.#queue = [];
     // 4000: another tab/device now owns the slot with this clientId; it stays stored for it.
-    if (code !== CLOSE_REPLACED && this.#storeClientId && this.code) storeRemove(this.#store, this.code);
+    if (code !== CLOSE_REPLACED && this.#storeClientId && this.code) storeRemove(this.#store, this.code, this.#clientId);
     this.#emit("closed", { code, reason });
     const done = this.#leaveDone;
     this.#leaveDone = null;
@@ -596,6 +597,8 @@ export class Room extends EventTarget {
       case "left":
         return this.#end(CLOSE_LEFT, "left");
       case "error": {
+        // The limit may have dropped our ping; this frame proves the link, so ping afresh later.
+        if (msg.code === "rate_limited") this.#pingOutstanding = false;
         const detail: RoomEventDetails["error"] = { code: msg.code, message: msg.message };
         if (Array.isArray(msg.missing)) detail.missing = msg.missing;
         this.#emit("error", detail);
@@ -629,6 +632,10 @@ export class Room extends EventTarget {
     this.peers = msg.type === "joined" ? [...msg.peers].sort((a, b) => a - b) : [];
     const resumed = msg.type === "joined" && typeof msg.resumed === "boolean" ? msg.resumed : undefined;
     this.#trackSeq(msg, resumed);
+    // The host is the authority on state: after its own reconnect the relay's snapshot is at best
+    // what it holds and at worst older than a set_state it just flushed from its queue. Without
+    // the snapshot flag that frame is an old seq, dropped as a duplicate.
+    if (!first && this.index === 0) this.#snapshotNext = false;
     this.#phase = "connected";
     this.#joinedAtMs = nowMs();
     this.#startHeartbeat();
@@ -745,13 +752,19 @@ export class Room extends EventTarget {
     this.#armPongDeadline(this.#timings.pongTimeoutMs);
   }
 
-  /** Any frame proves the link is alive (a busy downlink delays the pong behind messages). */
+  /**
+   * Any frame since the ping proves the link is alive (a busy downlink delays the pong behind
+   * messages, and the relay's rate limit may have dropped the ping): the next interval then pings
+   * afresh. Only a link silent since the ping is dead.
+   */
   #armPongDeadline(ms: number): void {
     clearTimeout(this.#pongTimer);
     this.#pongTimer = setTimeout(() => {
       if (!this.#pingOutstanding) return;
-      const silentMs = nowMs() - Math.max(this.#lastReceivedMs, this.#pingSentMs);
-      if (silentMs < this.#timings.pongTimeoutMs) return this.#armPongDeadline(this.#timings.pongTimeoutMs - silentMs);
+      if (this.#lastReceivedMs > this.#pingSentMs) {
+        this.#pingOutstanding = false;
+        return;
+      }
       this.#connectionLost("heartbeat timeout");
     }, ms);
   }

@@ -108,6 +108,15 @@ async function rejection(promise: Promise<unknown>): Promise<RoomError> {
   throw new Error("expected a rejection");
 }
 
+/** Polls a condition the client exposes only as a property, failing with what it waited for. */
+async function waitFor(done: () => boolean, what: string, ms = 3000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!done()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await Bun.sleep(10);
+  }
+}
+
 function memoryStorage(): ClientIdStore & { map: Map<string, string> } {
   const map = new Map<string, string>();
   return {
@@ -366,6 +375,29 @@ describe("reconnect", () => {
     expect(await guestEvents.next("peer_joined")).toEqual({ index: 0 });
   });
 
+  test("a host's setState queued while offline survives its rejoin: the relay's older snapshot does not overwrite it", async () => {
+    // Without a resume buffer every rejoin is resumed: false, so a snapshot follows the joined.
+    const bare = startRelay({ port: 0, hostname: "127.0.0.1", logLevel: "silent", resumeWindowMs: 0 });
+    cleanups.push(() => bare.stop());
+    const p = startProxy(bare.port);
+    cleanups.push(() => p.stop());
+    const host = track(await createRoom(p.wsUrl, { maxClients: 4, ...FAST }));
+    const hostEvents = record(host);
+    const guest = track(await joinRoom(bare.wsUrl, host.code, FAST));
+    const guestEvents = record(guest);
+    host.setState("A");
+    expect((await guestEvents.next("state")).data).toBe("A");
+    p.cut();
+    await hostEvents.next("reconnecting");
+    host.setState("B");
+    expect(await hostEvents.next("reconnected")).toEqual({ resumed: false });
+    expect((await guestEvents.next("state")).data).toBe("B");
+    const late = track(await joinRoom(bare.wsUrl, host.code, FAST));
+    expect((await record(late).next("state")).data).toBe("B");
+    expect(host.state).toBe("B");
+    expect(hostEvents.of("state")).toEqual([]);
+  });
+
   test("sends while offline are queued and arrive once, in order, after the rejoin", async () => {
     const p = proxy();
     const { guest, hostEvents, guestEvents } = await hostAndGuest({ guestVia: p });
@@ -545,6 +577,16 @@ describe("terminal closes are never retried", () => {
     expect(guestEvents.of("reconnecting")).toEqual([]);
   });
 
+  test("ending forgets the stored clientId only if it is still this room's own", async () => {
+    const storage = memoryStorage();
+    const { host, guest, guestEvents } = await hostAndGuest({ guest: { storage } });
+    const key = `party-sockets:clientId:${host.code}`;
+    storage.setItem(key, "a-newer-room-for-this-code");
+    await guest.leave();
+    await guestEvents.next("closed");
+    expect(storage.getItem(key)).toBe("a-newer-room-for-this-code");
+  });
+
   test("a host's leave closes the room: both get 4001", async () => {
     const { host, hostEvents, guestEvents } = await hostAndGuest();
     await host.leave();
@@ -691,6 +733,39 @@ describe("lossless reconnect (issue 9) against the relay", () => {
     } finally {
       p.stop();
       await forgetful.stop();
+    }
+  });
+});
+
+describe("heartbeat against a scripted relay", () => {
+  test("a ping the relay's rate limit dropped (answered by rate_limited, no pong) is not a dead link", async () => {
+    let pings = 0;
+    const fake = Bun.serve({
+      port: 0,
+      hostname: "127.0.0.1",
+      fetch(req, srv) {
+        return srv.upgrade(req) ? undefined : new Response("no", { status: 400 });
+      },
+      websocket: {
+        message(ws, text) {
+          const msg = JSON.parse(String(text));
+          if (msg.type === "join") ws.send(JSON.stringify({ type: "joined", room: "AAAAAA", index: 1, peers: [0], instance: "f", region: "" }));
+          if (msg.type === "leave") ws.send(JSON.stringify({ type: "left", room: "AAAAAA" }));
+          if (msg.type !== "ping") return;
+          // The first ping is dropped by the "rate limit"; later ones are answered.
+          if (++pings === 1) ws.send(JSON.stringify({ type: "error", code: "rate_limited", message: "Rate limited" }));
+          else ws.send(JSON.stringify({ type: "pong", id: msg.id, t: Date.now() }));
+        },
+      },
+    });
+    try {
+      const guest = await joinRoom(`ws://127.0.0.1:${fake.port}`, "AAAAAA", { ...FAST, storage: "none", pingIntervalMs: 100, pongTimeoutMs: 300 });
+      const events = record(guest);
+      await waitFor(() => !Number.isNaN(guest.rttMs) && pings >= 2, "a second ping and its pong");
+      expect(events.of("reconnecting")).toEqual([]);
+      await guest.leave();
+    } finally {
+      fake.stop(true);
     }
   });
 });
