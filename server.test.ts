@@ -1119,6 +1119,69 @@ describe("resume", () => {
     expect(back.pending("message")).toEqual([]);
   });
 
+  test("a resume is refused only when a frame addressed to this member is gone, not any frame", async () => {
+    const r = relay({ resumeRoomFrames: 5 });
+    const { host, code } = await createRoom(r);
+    const other = await joinRoom(r, code);
+    const phone = await joinRoom(r, code, "phone");
+    host.send({ type: "send", data: "last seen" });
+    const last = (await phone.client.next("message")).seq;
+    phone.client.close();
+    await host.next("peer_left");
+    // 20 frames for someone else push everything out of a 5-frame ring.
+    for (let i = 0; i < 20; i++) host.send({ type: "send", to: 1, data: i });
+    for (let i = 0; i < 20; i++) await other.client.next("message");
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "phone", room: code, resume: last });
+    expect(await back.next("joined")).toMatchObject({ resumed: true, seq: 21 });
+    // ...but one broadcast (addressed to the phone too) that falls out of the ring is a loss.
+    back.close();
+    await host.next("peer_left");
+    host.send({ type: "send", data: "for everyone" });
+    for (let i = 0; i < 5; i++) host.send({ type: "send", to: 1, data: i });
+    await host.barrier();
+    const again = await TestClient.connect(r.wsUrl);
+    again.send({ type: "join", clientId: "phone", room: code, resume: 21 });
+    expect(await again.next("joined")).toMatchObject({ resumed: false, oldest: 23 });
+  });
+
+  test("a host's own broadcasts and states never make its resume fail (it was never sent them)", async () => {
+    const r = relay({ resumeRoomFrames: 3 });
+    const { host, code, clientId } = await createRoom(r);
+    const guest = await joinRoom(r, code);
+    for (let i = 0; i < 10; i++) host.send({ type: "send", data: i });
+    host.send({ type: "set_state", data: "s" });
+    await guest.client.next("state");
+    host.close();
+    await guest.client.next("peer_left");
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId, room: code, resume: 0 });
+    expect(await back.next("joined")).toMatchObject({ index: 0, resumed: true });
+    await back.barrier();
+    expect(back.pending("message")).toEqual([]);
+    expect(back.pending("state")).toEqual([]);
+  });
+
+  test("with resume off (RESUME_WINDOW_MS=0) a resume succeeds only when nothing was addressed to the member", async () => {
+    const r = relay({ resumeWindowMs: 0 });
+    const { host, code } = await createRoom(r);
+    const guest = await joinRoom(r, code, "phone");
+    host.send({ type: "send", data: 1 });
+    const last = (await guest.client.next("message")).seq;
+    guest.client.close();
+    await host.next("peer_left");
+    const quiet = await TestClient.connect(r.wsUrl);
+    quiet.send({ type: "join", clientId: "phone", room: code, resume: last });
+    expect(await quiet.next("joined")).toMatchObject({ resumed: true });
+    quiet.close();
+    await host.next("peer_left");
+    host.send({ type: "send", data: 2 });
+    await host.barrier();
+    const missed = await TestClient.connect(r.wsUrl);
+    missed.send({ type: "join", clientId: "phone", room: code, resume: last });
+    expect(await missed.next("joined")).toMatchObject({ resumed: false });
+  });
+
   test("resume on a fresh slot is resumed: false; without resume, joined has no resumed field", async () => {
     const r = relay();
     const { host, code } = await createRoom(r);

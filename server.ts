@@ -425,6 +425,11 @@ class FrameRing {
   /** -1: everyone but the sender; -2: the list in `lists`; else the one target slot. */
   private tos = NO_I32;
   private lists: Map<number, number[]> | undefined;
+  /** The last broadcast given up, and the last one given up from any other sender. */
+  private lostBroadcast = { seq: 0, from: -1 };
+  private lostBroadcastOtherSeq = 0;
+  /** Per slot, the last targeted frame given up. */
+  private lostTargeted: Map<number, number> | undefined;
   private head = 0;
   private writeAt = 0;
   count = 0;
@@ -438,10 +443,14 @@ class FrameRing {
     return this.count > 0 ? this.seqs[this.head] : undefined;
   }
 
-  /** Keeps a frame, dropping the oldest as needed; a frame larger than the whole bound empties the ring. */
+  /** Keeps a frame, dropping the oldest as needed; a frame larger than the whole bound is given up with all the rest. */
   push(seq: number, frame: string, from: number, to: Recipients, atMs: number): void {
     const length = Buffer.byteLength(frame, "utf8");
-    if (length > this.maxBytes) return this.clear();
+    if (length > this.maxBytes) {
+      while (this.count > 0) this.dropOldest();
+      this.release();
+      return this.forget(seq, from, to);
+    }
     while (this.count > 0 && (this.count >= this.maxFrames || this.size + length > this.maxBytes)) this.dropOldest();
     this.reserve(length);
     const at = this.place(length);
@@ -462,18 +471,47 @@ class FrameRing {
   /** Drops frames older than `cutoffMs`; an emptied ring gives its memory back. */
   expire(cutoffMs: number): void {
     while (this.count > 0 && this.atMs[this.head]! < cutoffMs) this.dropOldest();
-    if (this.count === 0 && this.bytes.length > 0) this.clear();
+    if (this.count === 0 && this.bytes.length > 0) this.release();
   }
 
   dropOldest(): void {
     const h = this.head;
-    if (this.tos[h] === -2) this.lists!.delete(this.seqs[h]!);
+    const seq = this.seqs[h]!;
+    const to = this.tos[h]!;
+    this.forget(seq, this.froms[h]!, to === -1 ? undefined : to === -2 ? this.lists!.get(seq) : to);
+    if (to === -2) this.lists!.delete(seq);
     this.size -= this.lengths[h]!;
     this.head = (h + 1) % this.seqs.length;
     this.count--;
   }
 
-  clear(): void {
+  /**
+   * Records that frame `seq` can no longer be replayed to its recipients, so a
+   * resume is refused exactly when something addressed to that member is gone.
+   * Frames are given up oldest first, so the latest one given up is the highest.
+   */
+  forget(seq: number, from: number, to: Recipients): void {
+    if (to === undefined) {
+      if (from !== this.lostBroadcast.from) {
+        this.lostBroadcastOtherSeq = this.lostBroadcast.seq;
+        this.lostBroadcast.from = from;
+      }
+      this.lostBroadcast.seq = seq;
+    } else if (typeof to === "number") {
+      (this.lostTargeted ??= new Map()).set(to, seq);
+    } else {
+      for (const slot of to) (this.lostTargeted ??= new Map()).set(slot, seq);
+    }
+  }
+
+  /** Whether a frame after `afterSeq` addressed to slot `index` was given up. */
+  lostSince(index: number, afterSeq: number): boolean {
+    const broadcast = this.lostBroadcast.from !== index ? this.lostBroadcast.seq : this.lostBroadcastOtherSeq;
+    return broadcast > afterSeq || (this.lostTargeted?.get(index) ?? 0) > afterSeq;
+  }
+
+  /** Frees the buffers of an empty ring (what was given up stays recorded). */
+  private release(): void {
     this.bytes = NO_BYTES;
     this.seqs = this.atMs = NO_F64;
     this.offsets = this.lengths = this.froms = this.tos = NO_I32;
@@ -1174,7 +1212,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   function sendJoined(ws: Socket, room: Room, member: Member, resume: number | undefined, askedToResume: boolean): void {
     const after = resume === undefined ? undefined : Math.max(resume, member.sinceSeq);
     const oldest = room.ring.oldest() ?? room.seq + 1;
-    const resumed = after !== undefined && after <= room.seq && oldest <= after + 1;
+    const resumed = after !== undefined && after <= room.seq && !room.ring.lostSince(member.index, after);
     const joined = {
       type: "joined",
       room: room.code,
@@ -1259,7 +1297,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   let ringTotalBytes = 0;
 
   function remember(room: Room, seq: number, frame: string, from: number, to: Recipients, atMs: number): void {
-    if (options.resumeWindowMs === 0) return;
+    if (options.resumeWindowMs === 0) return room.ring.forget(seq, from, to);
     const { ring } = room;
     const before = ring.size;
     ring.push(seq, frame, from, to, atMs);
