@@ -387,9 +387,17 @@ describe("reconnect", () => {
     const guestEvents = record(guest);
     host.setState("A");
     expect((await guestEvents.next("state")).data).toBe("A");
+    p.refusing = true;
     p.cut();
     await hostEvents.next("reconnecting");
     host.setState("B");
+    // A broadcast the host misses while away, with nothing kept: its rejoin cannot resume.
+    guest.send("while you were away");
+    const relayed = async () => /kind="broadcast"\} 1\n/.test(await (await fetch(`${bare.url}/metrics`)).text());
+    for (const deadline = Date.now() + 3000; !(await relayed()); ) {
+      if (Date.now() > deadline) throw new Error("the guest's broadcast was never relayed");
+    }
+    p.refusing = false;
     expect(await hostEvents.next("reconnected")).toEqual({ resumed: false });
     expect((await guestEvents.next("state")).data).toBe("B");
     const late = track(await joinRoom(bare.wsUrl, host.code, FAST));
