@@ -574,7 +574,7 @@ describe("validation errors", () => {
     await createRoom(r, "h", 3);
     const c = await TestClient.connect(r.wsUrl);
     c.send({ type: "create", clientId: "h", maxClients: 4 });
-    expect(await c.error("invalid_max_clients")).toMatchObject({ message: "maxClients must be at most 3" });
+    expect(await c.error("invalid_max_clients")).toMatchObject({ message: "maxClients must be a positive number" });
   });
 
   test("the Party-Sockets error texts are the default messages", () => {
@@ -864,6 +864,14 @@ describe("limits and abuse", () => {
     await a.client.error("message_too_large");
   });
 
+  test("a binary frame over MAX_MESSAGE_BYTES is message_too_large and 1009 too", async () => {
+    const r = relay({ maxMessageBytes: 1000 });
+    const c = await TestClient.connect(r.wsUrl);
+    c.ws.send(new Uint8Array(1001));
+    await c.error("message_too_large");
+    expect((await c.closeCode()).code).toBe(1009);
+  });
+
   test("binary frames get binary_unsupported and nothing is relayed", async () => {
     const r = relay();
     const { host, code } = await createRoom(r);
@@ -959,7 +967,7 @@ describe("limits and abuse", () => {
   });
 
   test.each([[4000], [60_000]])("a slow consumer is closed with 4002 after receiving every message up to then, with no gap (%p-byte frames)", async (padBytes) => {
-    const r = relay({ rateLimitPerSec: 0, backpressureLimitBytes: 256 * 1024 });
+    const r = relay({ rateLimitPerSec: 0, backpressureLimitBytes: 256 * 1024, resumeRoomBytes: 64 * 2 ** 20, resumeRoomFrames: 100_000 });
     const { host, code } = await createRoom(r);
     const fast = await joinRoom(r, code);
     const slow = await RawClient.connect(r.port);
@@ -984,6 +992,14 @@ describe("limits and abuse", () => {
     if (slow.closeCode !== undefined) expect(slow.closeCode).toBe(4002);
     const metrics = await (await fetch(`${r.url}/metrics`)).text();
     expect(metrics).toMatch(/party_sockets_closes_total\{[^}]*code="4002"\} 1\n/);
+    // It rejoins with what it last saw, and gets the rest: lossless across the slow-consumer close.
+    const lastSeen = slow.frames().filter((f) => f.type === "message").at(-1)!.seq;
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "slow", room: code, resume: lastSeen });
+    expect(await back.next("joined")).toMatchObject({ resumed: true });
+    const rest: number[] = [];
+    while (got.length + rest.length < sent) rest.push((await back.next("message")).data.n);
+    expect([...got, ...rest]).toEqual([...Array(sent).keys()]);
   });
 
   test("a member that stops answering pings in a busy room is closed with 4003 and its peers get peer_left", async () => {
@@ -1207,6 +1223,22 @@ describe("resume", () => {
     expect(await back.next("joined")).toMatchObject({ resumed: true });
     await back.barrier();
     expect(back.pending("message").map((m) => m.data)).toEqual(["after"]);
+  });
+
+  test("RESUME_ROOM_FRAMES=0 turns the buffer off cleanly", async () => {
+    const r = relay({ resumeRoomFrames: 0 });
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "phone");
+    host.send({ type: "send", data: 1 });
+    const last = (await a.client.next("message")).seq;
+    a.client.close();
+    await host.next("peer_left");
+    host.send({ type: "send", data: 2 });
+    await host.barrier();
+    expect(await bufferBytes(r)).toBe(0);
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "phone", room: code, resume: last });
+    expect(await back.next("joined")).toMatchObject({ resumed: false });
   });
 
   test.each([[-1], [1.5], ["3"], [null]])("resume %p is invalid_resume", async (resume) => {

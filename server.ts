@@ -215,7 +215,7 @@ function rejection(reject: ErrorCode, message?: string): Rejection {
 
 function checkClientId(v: unknown): Rejection | undefined {
   if (typeof v !== "string" || v.length === 0) return rejection("invalid_client_id");
-  if (v.length > 128) return rejection("invalid_client_id", "clientId must be at most 128 characters");
+  if (v.length > 128) return rejection("invalid_client_id");
 }
 
 function checkUrlTemplate(v: unknown): Rejection | undefined {
@@ -306,7 +306,7 @@ function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
         return rejection("invalid_max_clients");
       }
       if (maxClients > limits.maxRoomClients) {
-        return rejection("invalid_max_clients", `maxClients must be at most ${limits.maxRoomClients}`);
+        return rejection("invalid_max_clients");
       }
       if (url !== undefined) {
         const badUrl = checkUrlTemplate(url);
@@ -1002,7 +1002,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   /** Sends one frame to one socket, closing it with 4002 if its backlog passed the limit. */
   function deliver(ws: Socket, frame: string): void {
-    if (ws.send(frame) === -1) closeIfBackpressured(ws);
+    if (ws.send(frame) <= 0) closeIfBackpressured(ws);
   }
 
   function closeIfBackpressured(ws: Socket): void {
@@ -1026,15 +1026,17 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   function publish(room: Room, from: Socket | null, frame: string): void {
     const status = from ? from.publish(room.topic, frame) : server.publish(room.topic, frame);
     if (status > 0) return;
-    room.uncheckedBytes += frame.length;
+    room.uncheckedBytes += utf8Bytes(frame);
     if (room.uncheckedBytes > uncheckedBytesMax) return checkBackpressure(room);
     if (roomsToCheck.size === 0) setImmediate(checkQueuedRooms);
     roomsToCheck.add(room);
   }
 
   function checkQueuedRooms(): void {
-    for (const room of roomsToCheck) checkBackpressure(room);
+    // A check can evict, and the peer_left it publishes may queue the room again: keep that.
+    const queued = [...roomsToCheck];
     roomsToCheck.clear();
+    for (const room of queued) checkBackpressure(room);
   }
 
   function checkBackpressure(room: Room): void {
@@ -1104,7 +1106,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     room.present--;
     if (room.present === 0) return deleteRoom(room, "empty");
     publish(room, null, JSON.stringify({ type: "peer_left", index: member.index }));
-    if (member.index === 0) startHostGrace(room);
+    // That publish may have evicted the last others (slow consumers) and deleted the room.
+    if (member.index === 0 && !room.closed) startHostGrace(room);
   }
 
   function startHostGrace(room: Room): void {
@@ -1273,31 +1276,36 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   function sendToList(ws: Socket, room: Room, sender: Member, to: number[], dataJson: string | undefined): void {
     const stamp = ++sendStamp;
     const targets: number[] = [];
-    let missing: number[] | undefined;
+    let missing: Set<number> | undefined;
     for (const index of to) {
       const member = room.slots[index];
       if (member?.ws) {
         if (member.stamp === stamp) continue;
         member.stamp = stamp;
         targets.push(index);
-      } else if (!missing?.includes(index)) {
-        (missing ??= []).push(index);
+      } else {
+        (missing ??= new Set()).add(index);
       }
     }
     if (targets.length > 0) {
       const frame = relayFrame(room, sender, dataJson, targets, ws.data.lastSeenMs);
-      for (const index of targets) deliver(room.slots[index]!.ws!, frame);
+      // A delivery can evict a slow member, and with it others: look each socket up afresh.
+      for (const index of targets) {
+        const target = room.slots[index]!.ws;
+        if (target) deliver(target, frame);
+      }
       countTargeted(frame, targets.length);
     }
-    if (missing) sendError(ws, "target_not_found", undefined, { missing });
+    if (missing) sendError(ws, "target_not_found", undefined, { missing: [...missing] });
   }
 
   // ------------------------------------------------------------ resume ring
 
   let ringTotalBytes = 0;
+  const resumeEnabled = options.resumeWindowMs > 0 && options.resumeRoomFrames > 0 && options.resumeRoomBytes > 0;
 
   function remember(room: Room, seq: number, frame: string, from: number, to: Recipients, atMs: number): void {
-    if (options.resumeWindowMs === 0) return room.ring.forget(seq, from, to);
+    if (!resumeEnabled) return room.ring.forget(seq, from, to);
     const { ring } = room;
     const before = ring.size;
     ring.push(seq, frame, from, to, atMs);
@@ -1403,13 +1411,17 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       }
       return;
     }
-    if (typeof raw !== "string") return sendError(ws, "binary_unsupported");
     // A UTF-16 length times 3 bounds the UTF-8 size, so most frames skip the count.
-    if (raw.length * 3 > options.maxMessageBytes && utf8Bytes(raw) > options.maxMessageBytes) {
+    const tooLarge =
+      typeof raw === "string"
+        ? raw.length * 3 > options.maxMessageBytes && utf8Bytes(raw) > options.maxMessageBytes
+        : raw.byteLength > options.maxMessageBytes;
+    if (tooLarge) {
       sendError(ws, "message_too_large", `Message larger than ${options.maxMessageBytes} bytes`);
       log.warn("abuse_close", { reason: "message_too_large", code: CLOSES.tooLarge.code });
       return evict(ws, "tooLarge");
     }
+    if (typeof raw !== "string") return sendError(ws, "binary_unsupported");
     const msg = parseFrame(raw, options);
     if ("reject" in msg) return sendError(ws, msg.reject, msg.message);
     dispatch(ws, msg);
