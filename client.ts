@@ -273,6 +273,11 @@ interface Pending {
 interface Queued {
   frame: string;
   atMs: number;
+  /**
+   * A `set_state` or `close_room`: never dropped by the queue's bounds, since the host's
+   * `room.state` (or the room's end) already counts on it. A newer `set_state` replaces an older one.
+   */
+  kind?: "set_state" | "close_room";
 }
 
 /** A member's view of one room. Create with `createRoom` / `joinRoom`. */
@@ -692,25 +697,29 @@ export class Room extends EventTarget {
       return true;
     }
     this.#expireQueue();
-    if (this.#queue.length >= this.#timings.queueMaxMessages) {
-      const dropped = this.#queue.length - this.#timings.queueMaxMessages + 1;
-      this.#queue.splice(0, dropped);
+    const kind = frame.type === "set_state" || frame.type === "close_room" ? frame.type : undefined;
+    if (kind === "set_state") this.#queue = this.#queue.filter((q) => q.kind !== "set_state");
+    const sends = this.#queue.filter((q) => !q.kind).length;
+    if (!kind && sends >= this.#timings.queueMaxMessages) {
+      const dropped = sends - this.#timings.queueMaxMessages + 1;
+      let left = dropped;
+      this.#queue = this.#queue.filter((q) => q.kind !== undefined || left-- <= 0);
       this.#emit("error", {
         code: "queue_overflow",
         message: `offline queue full (${this.#timings.queueMaxMessages}): dropped the oldest`,
         dropped,
       });
     }
-    this.#queue.push({ frame: text, atMs: nowMs() });
+    this.#queue.push({ frame: text, atMs: nowMs(), kind });
     return true;
   }
 
   #expireQueue(): void {
     const oldestKeptMs = nowMs() - this.#timings.queueMaxAgeMs;
-    let expired = 0;
-    while (expired < this.#queue.length && this.#queue[expired]!.atMs < oldestKeptMs) expired++;
+    const before = this.#queue.length;
+    this.#queue = this.#queue.filter((q) => q.kind !== undefined || q.atMs >= oldestKeptMs);
+    const expired = before - this.#queue.length;
     if (expired === 0) return;
-    this.#queue.splice(0, expired);
     this.#emit("error", {
       code: "queue_expired",
       message: `dropped ${expired} queued message(s) older than ${this.#timings.queueMaxAgeMs} ms`,

@@ -460,6 +460,28 @@ describe("reconnect", () => {
     expect(await messages(hostEvents, 2)).toEqual(["fresh", "after"]);
   });
 
+  test("a queued setState outlives the queue's bounds, and only the latest is sent", async () => {
+    const p = proxy();
+    const host = track(await createRoom(p.wsUrl, { maxClients: 4, ...FAST, queueMaxAgeMs: 100, queueMaxMessages: 2 }));
+    const hostEvents = record(host);
+    const guest = track(await joinRoom(relay.wsUrl, host.code, FAST));
+    const guestEvents = record(guest);
+    await hostEvents.next("peer_joined");
+    p.refusing = true;
+    p.cut();
+    await hostEvents.next("reconnecting");
+    host.setState("B");
+    host.setState("C");
+    for (let i = 0; i < 5; i++) host.send(i); // past the count bound: sends drop, the state stays
+    await Bun.sleep(300); // the clock under test: everything is now older than queueMaxAgeMs
+    p.refusing = false;
+    await hostEvents.next("reconnected");
+    expect((await guestEvents.next("state")).data).toBe("C");
+    expect(guestEvents.of("state").map((e) => e.data)).toEqual(["C"]);
+    expect(host.state).toBe("C");
+    expect(hostEvents.of("error").map((e) => e.code)).toContain("queue_expired");
+  });
+
   test("heartbeat: a silently dead link (no close, no FIN) is noticed within interval + timeout", async () => {
     const p = proxy();
     const pingIntervalMs = 150;
