@@ -19,7 +19,7 @@
 // - An application-level ping (browsers cannot send WebSocket pings) notices a dead link that
 //   the browser has not noticed (phones switching networks keep a half-open TCP connection for
 //   minutes); `online` and the page becoming visible again trigger an immediate check.
-// - Lossless reconnect (issue 9): frames may carry a per-room `seq`; the client remembers the
+// - Lossless reconnect: frames may carry a per-room `seq`; the client remembers the
 //   last one, sends it as `join.resume` on every rejoin, and drops any frame it has already seen.
 
 import type {
@@ -661,7 +661,7 @@ export class Room extends EventTarget {
   }
 
   /**
-   * Lossless reconnect (issue 9). `resumed: true`: every missed frame follows, numbered after the
+   * Lossless reconnect. `resumed: true`: every missed frame follows, numbered after the
    * last one we delivered, so `lastSeq` stands. Otherwise (a first join, or a ring that no longer
    * reached back): we start at the room's current `seq` (`created` says 0), and the `state`
    * replay that follows is a snapshot to deliver whatever its number. A relay without `seq`
@@ -676,7 +676,7 @@ export class Room extends EventTarget {
     this.#snapshotNext = true;
   }
 
-  /** Exactly once with issue 9's `seq`: a frame at or below the last delivered seq was delivered. */
+  /** Exactly once with the relay's `seq`: a frame at or below the last delivered seq was delivered. */
   #isDuplicate(msg: object): boolean {
     const seq = (msg as { seq?: unknown }).seq;
     if (typeof seq !== "number") return false;
