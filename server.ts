@@ -363,8 +363,8 @@ interface Member {
   index: number;
   clientId: string;
   ws: Socket | null;
-  /** `{"type":"message","from":N,"seq":`: built once, so relaying is one concatenation. */
-  messagePrefix: string;
+  /** `{"type":"message","from":N,"seq":`: built on the first send, so relaying is one concatenation. */
+  messagePrefix: string | undefined;
   /** The room's `seq` when this slot was created: nothing older was ever addressed to it. */
   sinceSeq: number;
   /** Send-batch stamp, to deliver a `to: [...]` message once per slot without allocating. */
@@ -386,8 +386,8 @@ interface Room {
   stateFrame?: string;
   /** Last sequence number given to a relayed frame. */
   seq: number;
-  /** Recent relayed frames, for `join` with `resume`. */
-  ring: FrameRing;
+  /** Recent relayed frames, for `join` with `resume`; made on the first one (idle rooms cost nothing). */
+  ring?: FrameRing;
   hostGraceTimer?: Timer;
   closed: boolean;
   /** Bytes published to the room since its members' backlogs were last checked. */
@@ -1090,7 +1090,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       index,
       clientId,
       ws: null,
-      messagePrefix: `{"type":"message","from":${index},"seq":`,
+      messagePrefix: undefined,
       sinceSeq: room.seq,
       stamp: 0,
     };
@@ -1116,7 +1116,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function deleteRoom(room: Room, reason: string): void {
     room.closed = true;
-    ringTotalBytes -= room.ring.size;
+    ringTotalBytes -= room.ring?.size ?? 0;
     clearTimeout(room.hostGraceTimer);
     rooms.delete(room.code);
     const left = (roomsByIp.get(room.creatorIp) ?? 1) - 1;
@@ -1158,7 +1158,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     const code = newRoomCode();
     const room: Room = {
       code,
-      topic: `room:${code}`,
+      // The code itself: topics are per server and nothing else subscribes (one string fewer per room).
+      topic: code,
       maxClients: msg.maxClients,
       origin: conn.origin,
       creatorIp: conn.ip,
@@ -1169,7 +1170,6 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       closed: false,
       uncheckedBytes: 0,
       seq: 0,
-      ring: new FrameRing(options.resumeRoomFrames, options.resumeRoomBytes),
     };
     rooms.set(code, room);
     bump(roomsByIp, conn.ip);
@@ -1214,8 +1214,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
    */
   function sendJoined(ws: Socket, room: Room, member: Member, resume: number | undefined, askedToResume: boolean): void {
     const after = resume === undefined ? undefined : Math.max(resume, member.sinceSeq);
-    const oldest = room.ring.oldest() ?? room.seq + 1;
-    const resumed = after !== undefined && after <= room.seq && !room.ring.lostSince(member.index, after);
+    const oldest = room.ring?.oldest() ?? room.seq + 1;
+    const resumed = after !== undefined && after <= room.seq && !room.ring?.lostSince(member.index, after);
     const joined = {
       type: "joined",
       room: room.code,
@@ -1259,8 +1259,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   /** Numbers a relayed frame and keeps it for `resume`. */
   function relayFrame(room: Room, from: Member, dataJson: string | undefined, to: Recipients, nowMs: number): string {
     const seq = ++room.seq;
-    const frame =
-      dataJson === undefined ? from.messagePrefix + seq + "}" : from.messagePrefix + seq + ',"data":' + dataJson + "}";
+    const prefix = (from.messagePrefix ??= `{"type":"message","from":${from.index},"seq":`);
+    const frame = dataJson === undefined ? prefix + seq + "}" : prefix + seq + ',"data":' + dataJson + "}";
     remember(room, seq, frame, from.index, to, nowMs);
     return frame;
   }
@@ -1305,8 +1305,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   const resumeEnabled = options.resumeWindowMs > 0 && options.resumeRoomFrames > 0 && options.resumeRoomBytes > 0;
 
   function remember(room: Room, seq: number, frame: string, from: number, to: Recipients, atMs: number): void {
-    if (!resumeEnabled) return room.ring.forget(seq, from, to);
-    const { ring } = room;
+    const ring = (room.ring ??= new FrameRing(options.resumeRoomFrames, options.resumeRoomBytes));
+    if (!resumeEnabled) return ring.forget(seq, from, to);
     const before = ring.size;
     ring.push(seq, frame, from, to, atMs);
     ringTotalBytes += ring.size - before;
@@ -1319,12 +1319,15 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   }
 
   function expireRing(room: Room, nowMs: number): void {
-    const before = room.ring.size;
-    room.ring.expire(nowMs - options.resumeWindowMs);
-    ringTotalBytes -= before - room.ring.size;
+    const { ring } = room;
+    if (!ring) return;
+    const before = ring.size;
+    ring.expire(nowMs - options.resumeWindowMs);
+    ringTotalBytes -= before - ring.size;
   }
 
   function replayMissed(ws: Socket, room: Room, index: number, after: number): void {
+    if (!room.ring) return;
     for (const frame of room.ring.addressedTo(index, after)) {
       counters.framesReplayed++;
       deliver(ws, frame);
