@@ -1170,6 +1170,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       closed: false,
       uncheckedBytes: 0,
       seq: 0,
+      ring: undefined,
     };
     rooms.set(code, room);
     bump(roomsByIp, conn.ip);
