@@ -767,26 +767,32 @@ describe("lossless reconnect (issue 9) against the relay", () => {
   });
 });
 
+/** A fake relay on loopback whose every frame is answered by `onMessage` (parsed JSON in, objects out). */
+function scriptedRelay(onMessage: (msg: Record<string, any>, reply: (frame: object) => void, ws: { terminate(): void }) => void) {
+  return Bun.serve({
+    port: 0,
+    hostname: "127.0.0.1",
+    fetch(req, srv) {
+      return srv.upgrade(req) ? undefined : new Response("no", { status: 400 });
+    },
+    websocket: {
+      message(ws, text) {
+        onMessage(JSON.parse(String(text)), (frame) => ws.send(JSON.stringify(frame)), ws);
+      },
+    },
+  });
+}
+
 describe("heartbeat against a scripted relay", () => {
   test("a ping the relay's rate limit dropped (answered by rate_limited, no pong) is not a dead link", async () => {
     let pings = 0;
-    const fake = Bun.serve({
-      port: 0,
-      hostname: "127.0.0.1",
-      fetch(req, srv) {
-        return srv.upgrade(req) ? undefined : new Response("no", { status: 400 });
-      },
-      websocket: {
-        message(ws, text) {
-          const msg = JSON.parse(String(text));
-          if (msg.type === "join") ws.send(JSON.stringify({ type: "joined", room: "AAAAAA", index: 1, peers: [0], instance: "f", region: "" }));
-          if (msg.type === "leave") ws.send(JSON.stringify({ type: "left", room: "AAAAAA" }));
-          if (msg.type !== "ping") return;
-          // The first ping is dropped by the "rate limit"; later ones are answered.
-          if (++pings === 1) ws.send(JSON.stringify({ type: "error", code: "rate_limited", message: "Rate limited" }));
-          else ws.send(JSON.stringify({ type: "pong", id: msg.id, t: Date.now() }));
-        },
-      },
+    const fake = scriptedRelay((msg, reply) => {
+      if (msg.type === "join") reply({ type: "joined", room: "AAAAAA", index: 1, peers: [0], instance: "f", region: "" });
+      if (msg.type === "leave") reply({ type: "left", room: "AAAAAA" });
+      if (msg.type !== "ping") return;
+      // The first ping is dropped by the "rate limit"; later ones are answered.
+      if (++pings === 1) reply({ type: "error", code: "rate_limited", message: "Rate limited" });
+      else reply({ type: "pong", id: msg.id, t: Date.now() });
     });
     try {
       const guest = await joinRoom(`ws://127.0.0.1:${fake.port}`, "AAAAAA", { ...FAST, storage: "none", pingIntervalMs: 100, pongTimeoutMs: 300 });
@@ -802,34 +808,24 @@ describe("heartbeat against a scripted relay", () => {
 
 describe("lossless-reconnect dialect, frame by frame (a scripted relay)", () => {
   test("frames carrying a `seq` at or below the last one seen are dropped; the rejoin sends `resume`", async () => {
-    // A fake relay that speaks the issue-9 dialect: replays a duplicate after the rejoin.
+    // A fake relay that speaks the lossless-reconnect dialect: replays a duplicate after the rejoin.
     const joins: Record<string, unknown>[] = [];
     let connection = 0;
     let live: { terminate(): void } | undefined;
-    const fake = Bun.serve({
-      port: 0,
-      hostname: "127.0.0.1",
-      fetch(req, srv) {
-        return srv.upgrade(req) ? undefined : new Response("no", { status: 400 });
-      },
-      websocket: {
-        message(ws, text) {
-          const msg = JSON.parse(String(text));
-          if (msg.type === "leave") return void ws.send(JSON.stringify({ type: "left", room: "AAAAAA" }));
-          if (msg.type !== "join") return;
-          joins.push(msg);
-          connection++;
-          live = ws;
-          ws.send(JSON.stringify({ type: "joined", room: "AAAAAA", index: 1, peers: [0], instance: "f", region: "" }));
-          if (connection === 1) {
-            ws.send(JSON.stringify({ type: "message", from: 0, data: "a", seq: 1 }));
-            ws.send(JSON.stringify({ type: "message", from: 0, data: "b", seq: 2 }));
-          } else {
-            ws.send(JSON.stringify({ type: "message", from: 0, data: "b", seq: 2 })); // already seen
-            ws.send(JSON.stringify({ type: "message", from: 0, data: "c", seq: 3 }));
-          }
-        },
-      },
+    const fake = scriptedRelay((msg, reply, ws) => {
+      if (msg.type === "leave") return reply({ type: "left", room: "AAAAAA" });
+      if (msg.type !== "join") return;
+      joins.push(msg);
+      connection++;
+      live = ws;
+      reply({ type: "joined", room: "AAAAAA", index: 1, peers: [0], instance: "f", region: "" });
+      if (connection === 1) {
+        reply({ type: "message", from: 0, data: "a", seq: 1 });
+        reply({ type: "message", from: 0, data: "b", seq: 2 });
+      } else {
+        reply({ type: "message", from: 0, data: "b", seq: 2 }); // already seen
+        reply({ type: "message", from: 0, data: "c", seq: 3 });
+      }
     });
     try {
       const guest = await joinRoom(`ws://127.0.0.1:${fake.port}`, "AAAAAA", { ...FAST, storage: "none" });
