@@ -21,7 +21,7 @@
 //   idle             --idle-conns connections in rooms of --idle-room-size, then sit still
 
 import { Conn, State, payloadText, wsStats, type WsHandler } from "./ws.ts";
-import { Histogram, benchFrame, nowUs, parsed, readBench, readBenchData, stampFrame } from "./msg.ts";
+import { Histogram, benchFrame, nowUs, parsed, readBench, readBenchData, stampFrame, type Waiter } from "./msg.ts";
 import { coreBusy, coreTicks, loadavg, processCpuUs, processRssBytes, type CoreTicks } from "./proc.ts";
 
 // ------------------------------------------------------------------ options
@@ -118,12 +118,6 @@ interface BenchRoom {
   code: string;
   size: number;
   clients: (Conn<Client> | undefined)[];
-}
-
-interface Waiter {
-  type: string;
-  resolve(msg: Record<string, unknown>): void;
-  reject(err: Error): void;
 }
 
 class Client {

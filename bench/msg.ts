@@ -18,6 +18,13 @@ export function nowUs(): number {
   return Math.floor((performance.now() - T0) * 1000);
 }
 
+/** A control-frame wait (created, joined, …) by a bench client, settled by its reader. */
+export interface Waiter {
+  type: string;
+  resolve(msg: Record<string, unknown>): void;
+  reject(err: Error): void;
+}
+
 export interface BenchFrame {
   frame: Uint8Array;
   seqAt: number;

@@ -27,7 +27,7 @@
 import { resolve } from "node:path";
 import type { Subprocess } from "bun";
 import { Conn, State, buildTextFrame, payloadText, utf8, type WsHandler } from "./ws.ts";
-import { benchFrame, nowUs, parsed, readBench, readBenchData, stampFrame, type BenchFrame } from "./msg.ts";
+import { benchFrame, nowUs, parsed, readBench, readBenchData, stampFrame, type BenchFrame, type Waiter } from "./msg.ts";
 import { processCpuUs, processRssBytes } from "./proc.ts";
 
 const REPO = resolve(import.meta.dir, "..");
@@ -80,12 +80,6 @@ function parseArgs(argv: string[]): SoakOptions {
 // ------------------------------------------------------------------ clients
 
 type Kind = "good" | "churn" | "idle" | "oversize" | "flood" | "bad" | "slow";
-
-interface Waiter {
-  type: string;
-  resolve(msg: Record<string, unknown>): void;
-  reject(err: Error): void;
-}
 
 class Peer {
   slot = -1;
