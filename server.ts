@@ -363,8 +363,6 @@ interface Member {
   index: number;
   clientId: string;
   ws: Socket | null;
-  /** `{"type":"message","from":N,"seq":`: built on the first send, so relaying is one concatenation. */
-  messagePrefix: string | undefined;
   /** The room's `seq` when this slot was created: nothing older was ever addressed to it. */
   sinceSeq: number;
   /** Send-batch stamp, to deliver a `to: [...]` message once per slot without allocating. */
@@ -402,6 +400,95 @@ type Recipients = undefined | number | number[];
 const RING_MIN_BYTES = 2048;
 const RING_MIN_FRAMES = 16;
 // Zero-length, never written: an empty ring allocates nothing.
+/** `{"type":"message","from":` */
+const MESSAGE_HEAD = Buffer.from('{"type":"message","from":');
+/** `{"type":"state","seq":` */
+const STATE_HEAD = Buffer.from('{"type":"state","seq":');
+const SEQ_FIELD = Buffer.from(',"seq":');
+const DATA_FIELD = Buffer.from(',"data":');
+/** The longest fixed part of a relayed frame, with two numbers of up to 16 digits. */
+const FRAME_OVERHEAD_BYTES = MESSAGE_HEAD.length + SEQ_FIELD.length + DATA_FIELD.length + 2 * 16 + 1;
+
+/**
+ * Builds each relayed frame as UTF-8 in one reused buffer, then reads it back
+ * as one flat string. Measured on Bun 1.4.5 (bench/, fanout closed loop): a
+ * frame made by string concatenation cost about 35 % more server CPU per
+ * delivery than one decoded from bytes, because Bun must flatten the rope and
+ * the heap must collect it; and the bytes are what the resume ring keeps.
+ */
+class FrameWriter {
+  private buf: Buffer;
+  /** Bytes written since `start`. */
+  length = 0;
+  private ascii = true;
+  private head: Uint8Array | undefined;
+
+  constructor(capacity: number) {
+    this.buf = Buffer.allocUnsafe(capacity);
+  }
+
+  /** Begins a frame with `head`, which stays in place from the last frame of the same kind. */
+  start(head: Uint8Array): this {
+    this.ascii = true;
+    this.length = head.length;
+    if (this.head !== head) {
+      this.buf.set(head, 0);
+      this.head = head;
+    }
+    return this;
+  }
+
+  /** A few constant bytes: a loop, because a native copy costs more than it saves at this size. */
+  raw(bytes: Uint8Array): this {
+    const buf = this.buf;
+    let at = this.length;
+    for (let i = 0; i < bytes.length; i++) buf[at++] = bytes[i]!;
+    this.length = at;
+    return this;
+  }
+
+  /** A non-negative integer in decimal. */
+  uint(n: number): this {
+    let end = this.length + 1;
+    for (let rest = n; rest >= 10; rest = Math.floor(rest / 10)) end++;
+    for (let at = end - 1, rest = n; at >= this.length; at--, rest = Math.floor(rest / 10)) this.buf[at] = 48 + (rest % 10);
+    this.length = end;
+    return this;
+  }
+
+  /** JSON text already validated, then the closing brace. */
+  jsonThenClose(json: string): this {
+    // UTF-8 takes at most 3 bytes per UTF-16 unit.
+    const needed = this.length + json.length * 3 + 1;
+    if (needed > this.buf.length) this.grow(needed);
+    const written = this.buf.write(json, this.length, "utf8");
+    // Any character past ASCII takes more bytes than UTF-16 units.
+    if (written !== json.length) this.ascii = false;
+    this.length += written;
+    return this.close();
+  }
+
+  close(): this {
+    this.buf[this.length++] = CLOSE_BRACE;
+    return this;
+  }
+
+  /** The frame as a string: Latin-1 decoding is exact, and cheaper, when every byte is ASCII. */
+  text(): string {
+    return this.buf.toString(this.ascii ? "latin1" : "utf8", 0, this.length);
+  }
+
+  copyTo(target: Buffer, at: number): void {
+    this.buf.copy(target, at, 0, this.length);
+  }
+
+  private grow(needed: number): void {
+    const bigger = Buffer.allocUnsafe(Math.max(needed, this.buf.length * 2));
+    this.buf.copy(bigger, 0, 0, this.length);
+    this.buf = bigger;
+  }
+}
+
 const NO_BYTES = Buffer.alloc(0);
 const NO_F64 = new Float64Array(0);
 const NO_I32 = new Int32Array(0);
@@ -444,8 +531,8 @@ class FrameRing {
   }
 
   /** Keeps a frame, dropping the oldest as needed; a frame larger than the whole bound is given up with all the rest. */
-  push(seq: number, frame: string, from: number, to: Recipients, atMs: number): void {
-    const length = Buffer.byteLength(frame, "utf8");
+  push(seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
+    const length = frame.length;
     if (length > this.maxBytes) {
       while (this.count > 0) this.dropOldest();
       this.release();
@@ -454,7 +541,7 @@ class FrameRing {
     while (this.count > 0 && (this.count >= this.maxFrames || this.size + length > this.maxBytes)) this.dropOldest();
     this.reserve(length);
     const at = this.place(length);
-    this.bytes.write(frame, at, length, "utf8");
+    frame.copyTo(this.bytes, at);
     const slot = (this.head + this.count) % this.seqs.length;
     this.seqs[slot] = seq;
     this.atMs[slot] = atMs;
@@ -1090,7 +1177,6 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       index,
       clientId,
       ws: null,
-      messagePrefix: undefined,
       sinceSeq: room.seq,
       stamp: 0,
     };
@@ -1241,35 +1327,30 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     if (!room || !member) return sendError(ws, "not_in_room");
     const to = msg.to;
     if (to === undefined) {
-      const frame = relayFrame(room, member, msg.dataJson, undefined, ws.data.lastSeenMs);
       counters.relayedBroadcast++;
-      counters.deliveries += room.present - 1;
-      counters.bytesRelayed += frame.length * (room.present - 1);
-      publish(room, ws, frame);
+      publish(room, ws, relayFrame(room, member, msg.dataJson, undefined, room.present - 1, ws.data.lastSeenMs));
     } else if (typeof to === "number") {
       const target = room.slots[to]?.ws;
       if (!target) return sendError(ws, "target_not_found");
-      const frame = relayFrame(room, member, msg.dataJson, to, ws.data.lastSeenMs);
-      countTargeted(frame, 1);
-      deliver(target, frame);
+      counters.relayedTargeted++;
+      deliver(target, relayFrame(room, member, msg.dataJson, to, 1, ws.data.lastSeenMs));
     } else {
       sendToList(ws, room, member, to, msg.dataJson);
     }
   }
 
-  /** Numbers a relayed frame and keeps it for `resume`. */
-  function relayFrame(room: Room, from: Member, dataJson: string | undefined, to: Recipients, nowMs: number): string {
-    const seq = ++room.seq;
-    const prefix = (from.messagePrefix ??= `{"type":"message","from":${from.index},"seq":`);
-    const frame = dataJson === undefined ? prefix + seq + "}" : prefix + seq + ',"data":' + dataJson + "}";
-    remember(room, seq, frame, from.index, to, nowMs);
-    return frame;
-  }
+  const frameWriter = new FrameWriter(options.maxMessageBytes + FRAME_OVERHEAD_BYTES);
 
-  function countTargeted(frame: string, recipients: number): void {
-    counters.relayedTargeted++;
+  /** Numbers a `message` frame, keeps it for `resume` and counts its deliveries. */
+  function relayFrame(room: Room, from: Member, dataJson: string | undefined, to: Recipients, recipients: number, nowMs: number): string {
+    const seq = ++room.seq;
+    const frame = frameWriter.start(MESSAGE_HEAD).uint(from.index).raw(SEQ_FIELD).uint(seq);
+    if (dataJson === undefined) frame.close();
+    else frame.raw(DATA_FIELD).jsonThenClose(dataJson);
+    remember(room, seq, frame, from.index, to, nowMs);
     counters.deliveries += recipients;
     counters.bytesRelayed += frame.length * recipients;
+    return frame.text();
   }
 
   let sendStamp = 0;
@@ -1289,13 +1370,13 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       }
     }
     if (targets.length > 0) {
-      const frame = relayFrame(room, sender, dataJson, targets, ws.data.lastSeenMs);
+      counters.relayedTargeted++;
+      const frame = relayFrame(room, sender, dataJson, targets, targets.length, ws.data.lastSeenMs);
       // A delivery can evict a slow member, and with it others: look each socket up afresh.
       for (const index of targets) {
         const target = room.slots[index]!.ws;
         if (target) deliver(target, frame);
       }
-      countTargeted(frame, targets.length);
     }
     if (missing) sendError(ws, "target_not_found", undefined, { missing: [...missing] });
   }
@@ -1305,7 +1386,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   let ringTotalBytes = 0;
   const resumeEnabled = options.resumeWindowMs > 0 && options.resumeRoomFrames > 0 && options.resumeRoomBytes > 0;
 
-  function remember(room: Room, seq: number, frame: string, from: number, to: Recipients, atMs: number): void {
+  function remember(room: Room, seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
     const ring = (room.ring ??= new FrameRing(options.resumeRoomFrames, options.resumeRoomBytes));
     if (!resumeEnabled) return ring.forget(seq, from, to);
     const before = ring.size;
@@ -1340,8 +1421,9 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     if (!room || !member) return sendError(ws, "not_in_room");
     if (member.index !== 0) return sendError(ws, "not_host", "Only the host can set state");
     const seq = ++room.seq;
-    room.stateFrame = `{"type":"state","seq":${seq},"data":${stateJson}}`;
-    remember(room, seq, room.stateFrame, member.index, undefined, ws.data.lastSeenMs);
+    const frame = frameWriter.start(STATE_HEAD).uint(seq).raw(DATA_FIELD).jsonThenClose(stateJson);
+    remember(room, seq, frame, member.index, undefined, ws.data.lastSeenMs);
+    room.stateFrame = frame.text();
     publish(room, ws, room.stateFrame);
   }
 
