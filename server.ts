@@ -344,6 +344,7 @@ type Socket = ServerWebSocket<Conn>;
 
 /** Per-connection state, kept on the socket (Bun's `ws.data`). */
 interface Conn {
+  /** Fly-Client-IP on Fly, else the socket's peer address (filled in on open). */
   ip: string;
   origin: string;
   room: Room | null;
@@ -396,9 +397,11 @@ interface Room {
 type Recipients = undefined | number | number[];
 
 // First allocation of a room's ring; it doubles from there. Small, because most
-// rooms are short (measured: bigger first buffers cost 10 % of connect/create/close churn).
-const RING_MIN_BYTES = 2048;
-const RING_MIN_FRAMES = 16;
+// rooms are short: in the churn bench (one frame per room) the first ring's
+// allocations took 8 % of CPU samples with eight typed arrays and 2 KiB, 4 % with
+// one index array and 512 bytes.
+const RING_MIN_BYTES = 512;
+const RING_MIN_FRAMES = 8;
 // Zero-length, never written: an empty ring allocates nothing.
 /** `{"type":"message","from":` */
 const MESSAGE_HEAD = Buffer.from('{"type":"message","from":');
@@ -491,26 +494,31 @@ class FrameWriter {
 
 const NO_BYTES = Buffer.alloc(0);
 const NO_F64 = new Float64Array(0);
-const NO_I32 = new Int32Array(0);
+// A frame's record in the ring's index: RECORD numbers, at these positions.
+const REC_SEQ = 0;
+const REC_AT_MS = 1;
+const REC_OFFSET = 2;
+const REC_LENGTH = 3;
+/** The sender's slot. */
+const REC_FROM = 4;
+/** -1: everyone but the sender; -2: the list in `lists`; else the one target slot. */
+const REC_TO = 5;
+const RECORD = 6;
 
 /**
  * A room's recently relayed frames, kept for `join` with `resume`. Frames stay
  * for seconds: long enough that, kept as strings, the garbage collector would
  * promote them and pay for full collections at message rate (measured: about a
  * third of the relay's CPU in a busy room). So each frame is copied as UTF-8
- * into one circular byte buffer indexed by typed arrays: no object per frame.
- * Both grow on demand up to the room's bounds and are freed when emptied.
+ * into one circular byte buffer, described by records in one Float64Array: no
+ * object per frame, and two allocations for a room's first frame. Both grow on
+ * demand up to the room's bounds and are freed when emptied.
  */
 class FrameRing {
   private bytes = NO_BYTES;
-  private seqs = NO_F64;
-  private atMs = NO_F64;
-  private offsets = NO_I32;
-  private lengths = NO_I32;
-  /** The sender's slot. */
-  private froms = NO_I32;
-  /** -1: everyone but the sender; -2: the list in `lists`; else the one target slot. */
-  private tos = NO_I32;
+  /** Frame records (REC_*), a circular array of `capacity` records starting at `head`. */
+  private index = NO_F64;
+  private capacity = 0;
   private lists: Map<number, number[]> | undefined;
   /** The last broadcast given up, and the last one given up from any other sender. */
   private lostBroadcast = { seq: 0, from: -1 };
@@ -527,7 +535,7 @@ class FrameRing {
 
   /** The oldest seq held, if any. */
   oldest(): number | undefined {
-    return this.count > 0 ? this.seqs[this.head] : undefined;
+    return this.count > 0 ? this.index[this.head * RECORD + REC_SEQ] : undefined;
   }
 
   /** Keeps a frame, dropping the oldest as needed; a frame larger than the whole bound is given up with all the rest. */
@@ -542,13 +550,14 @@ class FrameRing {
     this.reserve(length);
     const at = this.place(length);
     frame.copyTo(this.bytes, at);
-    const slot = (this.head + this.count) % this.seqs.length;
-    this.seqs[slot] = seq;
-    this.atMs[slot] = atMs;
-    this.offsets[slot] = at;
-    this.lengths[slot] = length;
-    this.froms[slot] = from;
-    this.tos[slot] = to === undefined ? -1 : typeof to === "number" ? to : -2;
+    const r = this.record(this.count);
+    const index = this.index;
+    index[r + REC_SEQ] = seq;
+    index[r + REC_AT_MS] = atMs;
+    index[r + REC_OFFSET] = at;
+    index[r + REC_LENGTH] = length;
+    index[r + REC_FROM] = from;
+    index[r + REC_TO] = to === undefined ? -1 : typeof to === "number" ? to : -2;
     if (Array.isArray(to)) (this.lists ??= new Map()).set(seq, to);
     this.count++;
     this.size += length;
@@ -557,18 +566,18 @@ class FrameRing {
 
   /** Drops frames older than `cutoffMs`; an emptied ring gives its memory back. */
   expire(cutoffMs: number): void {
-    while (this.count > 0 && this.atMs[this.head]! < cutoffMs) this.dropOldest();
+    while (this.count > 0 && this.index[this.head * RECORD + REC_AT_MS]! < cutoffMs) this.dropOldest();
     if (this.count === 0 && this.bytes.length > 0) this.release();
   }
 
   dropOldest(): void {
-    const h = this.head;
-    const seq = this.seqs[h]!;
-    const to = this.tos[h]!;
-    this.forget(seq, this.froms[h]!, to === -1 ? undefined : to === -2 ? this.lists!.get(seq) : to);
+    const r = this.head * RECORD;
+    const seq = this.index[r + REC_SEQ]!;
+    const to = this.index[r + REC_TO]!;
+    this.forget(seq, this.index[r + REC_FROM]!, to === -1 ? undefined : to === -2 ? this.lists!.get(seq) : to);
     if (to === -2) this.lists!.delete(seq);
-    this.size -= this.lengths[h]!;
-    this.head = (h + 1) % this.seqs.length;
+    this.size -= this.index[r + REC_LENGTH]!;
+    this.head = (this.head + 1) % this.capacity;
     this.count--;
   }
 
@@ -600,38 +609,44 @@ class FrameRing {
   /** Frees the buffers of an empty ring (what was given up stays recorded). */
   private release(): void {
     this.bytes = NO_BYTES;
-    this.seqs = this.atMs = NO_F64;
-    this.offsets = this.lengths = this.froms = this.tos = NO_I32;
+    this.index = NO_F64;
     this.lists = undefined;
-    this.head = this.writeAt = this.count = this.size = 0;
+    this.capacity = this.head = this.writeAt = this.count = this.size = 0;
   }
 
   /** Every frame after `afterSeq` addressed to `index`, oldest first. */
   *addressedTo(index: number, afterSeq: number): Generator<string> {
     for (let i = 0; i < this.count; i++) {
-      const slot = (this.head + i) % this.seqs.length;
-      if (this.seqs[slot]! <= afterSeq) continue;
-      const to = this.tos[slot]!;
-      const addressed =
-        to === -1 ? this.froms[slot] !== index : to === -2 ? this.lists!.get(this.seqs[slot]!)!.includes(index) : to === index;
-      if (addressed) yield this.bytes.toString("utf8", this.offsets[slot]!, this.offsets[slot]! + this.lengths[slot]!);
+      const r = this.record(i);
+      const seq = this.index[r + REC_SEQ]!;
+      if (seq <= afterSeq) continue;
+      const to = this.index[r + REC_TO]!;
+      const addressed = to === -1 ? this.index[r + REC_FROM] !== index : to === -2 ? this.lists!.get(seq)!.includes(index) : to === index;
+      const offset = this.index[r + REC_OFFSET]!;
+      if (addressed) yield this.bytes.toString("utf8", offset, offset + this.index[r + REC_LENGTH]!);
     }
+  }
+
+  /** Where the record of the i-th oldest frame starts in `index`. */
+  private record(i: number): number {
+    return ((this.head + i) % this.capacity) * RECORD;
   }
 
   /** Grows the buffers (doubling, up to the bounds) so a frame of `length` bytes has room. */
   private reserve(length: number): void {
-    if (this.count === this.seqs.length) this.relayout(this.bytes.length, Math.min(this.maxFrames, Math.max(RING_MIN_FRAMES, this.seqs.length * 2)));
+    if (this.count === this.capacity) this.relayout(this.bytes.length, Math.min(this.maxFrames, Math.max(RING_MIN_FRAMES, this.capacity * 2)));
     // Half the buffer free keeps wrap-around from dropping frames early, until it reaches its bound.
     const wanted = Math.min(this.maxBytes, Math.max(RING_MIN_BYTES, 2 * (this.size + length)));
-    if (wanted > this.bytes.length) this.relayout(Math.max(wanted, Math.min(this.maxBytes, this.bytes.length * 2)), this.seqs.length);
+    if (wanted > this.bytes.length) this.relayout(Math.max(wanted, Math.min(this.maxBytes, this.bytes.length * 2)), this.capacity);
   }
 
   /** Where the next `length` bytes go: after the newest frame, or wrapped to the start, dropping what is in the way. */
   private place(length: number): number {
     let at = this.writeAt + length <= this.bytes.length ? this.writeAt : 0;
     while (this.count > 0) {
-      const start = this.offsets[this.head]!;
-      const overlaps = start < at + length && at < start + this.lengths[this.head]!;
+      const r = this.head * RECORD;
+      const start = this.index[r + REC_OFFSET]!;
+      const overlaps = start < at + length && at < start + this.index[r + REC_LENGTH]!;
       if (!overlaps) break;
       this.dropOldest();
       if (this.count === 0) at = 0;
@@ -642,25 +657,19 @@ class FrameRing {
   /** Copies the live frames, oldest first, into buffers of the given capacities. */
   private relayout(byteCapacity: number, frameCapacity: number): void {
     const bytes = Buffer.allocUnsafe(byteCapacity);
-    const seqs = new Float64Array(frameCapacity);
-    const atMs = new Float64Array(frameCapacity);
-    const offsets = new Int32Array(frameCapacity);
-    const lengths = new Int32Array(frameCapacity);
-    const froms = new Int32Array(frameCapacity);
-    const tos = new Int32Array(frameCapacity);
+    const index = new Float64Array(frameCapacity * RECORD);
     let at = 0;
     for (let i = 0; i < this.count; i++) {
-      const slot = (this.head + i) % this.seqs.length;
-      seqs[i] = this.seqs[slot]!;
-      atMs[i] = this.atMs[slot]!;
-      lengths[i] = this.lengths[slot]!;
-      froms[i] = this.froms[slot]!;
-      tos[i] = this.tos[slot]!;
-      offsets[i] = at;
-      this.bytes.copy(bytes, at, this.offsets[slot]!, this.offsets[slot]! + lengths[i]!);
-      at += lengths[i]!;
+      const from = this.record(i);
+      const to = i * RECORD;
+      for (let k = 0; k < RECORD; k++) index[to + k] = this.index[from + k]!;
+      const offset = this.index[from + REC_OFFSET]!;
+      const length = this.index[from + REC_LENGTH]!;
+      this.bytes.copy(bytes, at, offset, offset + length);
+      index[to + REC_OFFSET] = at;
+      at += length;
     }
-    Object.assign(this, { bytes, seqs, atMs, offsets, lengths, froms, tos, head: 0, writeAt: at });
+    Object.assign(this, { bytes, index, capacity: frameCapacity, head: 0, writeAt: at });
   }
 }
 
@@ -1515,6 +1524,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function onOpen(ws: Socket): void {
     const conn = ws.data;
+    // The socket's own peer address costs less here than `requestIP` during the upgrade.
+    conn.ip ||= ws.remoteAddress || "unknown";
     conns.add(ws);
     originTotals(counters, conn.origin).connections++;
     const count = (connectionsByIp.get(conn.ip) ?? 0) + 1;
@@ -1604,19 +1615,16 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     "/client.js": serveClient,
   };
 
-  function clientIp(req: Request, srv: Server<Conn>): string {
-    if (options.flyAppName) {
-      const flyIp = req.headers.get("fly-client-ip");
-      if (flyIp) return flyIp;
-    }
-    return srv.requestIP(req)?.address ?? "unknown";
+  /** Fly's proxy is the socket's peer there, so its header names the client; anywhere else it could be forged. */
+  function flyClientIp(req: Request): string {
+    return (options.flyAppName && req.headers.get("fly-client-ip")) || "";
   }
 
   function upgrade(req: Request, srv: Server<Conn>): Response | undefined {
     const nowMs = Date.now();
     const origin = (req.headers.get("origin") || "unknown").slice(0, 200);
     const conn: Conn = {
-      ip: clientIp(req, srv),
+      ip: flyClientIp(req),
       origin,
       room: null,
       member: null,
