@@ -24,6 +24,10 @@
 // frame shape costs in Bun (new string, ~25 more bytes per delivery over loopback); the gap
 // floor-wrap → ours is what our own logic costs.
 //
+// FLOOR_PAD=N: deliver the sender's frame plus N spaces, as a new string decoded from bytes (the
+// cheapest way to make one). This isolates what a relay pays for sending a string it made rather
+// than the one it received, and for its length: see "The 160-byte step" in bench/README.md.
+//
 // Run: `PORT=9001 bun run bench/floor.ts` (PORT 0 picks a free port). Prints one JSON line
 // `{"event":"start","port":N}` on stdout. GET /health answers 200.
 
@@ -51,6 +55,8 @@ const CODE_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxy
 
 const rooms = new Map<string, FloorRoom>();
 const WRAP = process.env.FLOOR_WRAP === "1";
+const PAD = Number(process.env.FLOOR_PAD ?? 0);
+const padScratch = Buffer.alloc(PAD > 0 ? 1 << 20 : 0);
 /** `{"type":"send","data":` */
 const DATA_AT = 22;
 
@@ -77,6 +83,13 @@ function targetSlot(frame: string): number {
   }
   digitsEnd = i;
   return i === TO_PREFIX.length ? -1 : n;
+}
+
+/** FLOOR_PAD: the frame and PAD spaces, as a new string. */
+function padded(frame: string): string {
+  const n = padScratch.write(frame, 0, "utf8");
+  padScratch.fill(32, n, n + PAD);
+  return padScratch.toString("utf8", 0, n + PAD);
 }
 
 /** FLOOR_WRAP: the relay's frame around the data text that starts at `dataAt`. */
@@ -136,7 +149,7 @@ export function startFloor(port: number): Server<Member> {
         if (room === null) return firstFrame(server, ws, message);
         const to = targetSlot(message);
         if (to < 0) {
-          ws.publish(room.topic, WRAP ? wrap(room, ws.data.slot, message, DATA_AT) : message);
+          ws.publish(room.topic, WRAP ? wrap(room, ws.data.slot, message, DATA_AT) : PAD > 0 ? padded(message) : message);
         } else {
           const target = room.slots[to];
           // `,"data":` follows the digits: 8 characters.
