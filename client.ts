@@ -206,6 +206,17 @@ function randomClientId(): string {
 const STORAGE_PREFIX = "party-sockets:clientId:";
 
 /** The chosen store, or null. Web storage can throw (disabled cookies, sandboxed iframes). */
+/** Browsers run a timer of more than 2^31 - 1 ms (or Infinity, or NaN) at once: never what was meant. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+function checkedTiming(key: keyof ClientTimings, value: unknown): number {
+  if (typeof value !== "number") throw new TypeError(`${key} must be a number`);
+  const isCount = key === "queueMaxMessages";
+  const valid = isCount ? Number.isSafeInteger(value) && value >= 0 : value >= 0 && value <= MAX_TIMER_MS;
+  if (!valid) throw new RangeError(`${key} must be ${isCount ? "a whole number >= 0" : `from 0 to ${MAX_TIMER_MS} ms`}, got ${value}`);
+  return value;
+}
+
 function pickStore(choice: CommonOptions["storage"]): ClientIdStore | null {
   if (choice && typeof choice === "object") return choice;
   if (choice === "none") return null;
@@ -335,10 +346,7 @@ export class Room extends EventTarget {
     const timings = { ...CLIENT_DEFAULTS };
     for (const key of Object.keys(CLIENT_DEFAULTS) as (keyof ClientTimings)[]) {
       const value = options[key];
-      if (value !== undefined) {
-        if (!(typeof value === "number" && value >= 0)) throw new TypeError(`${key} must be a number >= 0`);
-        timings[key] = value;
-      }
+      if (value !== undefined) timings[key] = checkedTiming(key, value);
     }
     this.#timings = timings;
     this.#random = options.random ?? Math.random;
@@ -399,7 +407,8 @@ export class Room extends EventTarget {
 
   /**
    * Relay `data` to every other present member, or to slot `to`, or to the listed slots.
-   * Offline: queued (see queueMaxMessages / queueMaxAgeMs). Returns false once the room is closed.
+   * Offline: queued (see queueMaxMessages / queueMaxAgeMs). Returns false once the room is
+   * closed, and offline when queueMaxMessages is 0 (the send is dropped with a queue_overflow error).
    */
   send(data: unknown, to?: number | number[]): boolean {
     const frame: ClientMessage = to === undefined ? { type: "send", data } : { type: "send", data, to };
@@ -699,6 +708,10 @@ export class Room extends EventTarget {
     this.#expireQueue();
     const kind = frame.type === "set_state" || frame.type === "close_room" ? frame.type : undefined;
     if (kind === "set_state") this.#queue = this.#queue.filter((q) => q.kind !== "set_state");
+    if (!kind && this.#timings.queueMaxMessages === 0) {
+      this.#emit("error", { code: "queue_overflow", message: "offline queue disabled (queueMaxMessages: 0): dropped", dropped: 1 });
+      return false;
+    }
     const sends = this.#queue.filter((q) => !q.kind).length;
     if (!kind && sends >= this.#timings.queueMaxMessages) {
       const dropped = sends - this.#timings.queueMaxMessages + 1;

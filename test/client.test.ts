@@ -293,6 +293,17 @@ describe("errors reject with the relay's code", () => {
   test("a relayUrl that is not ws(s) or http(s) rejects", async () => {
     await expect(createRoom("ftp://relay.example", { maxClients: 2 })).rejects.toThrow(TypeError);
   });
+
+  test("timing options a browser timer cannot honour reject before connecting", async () => {
+    // Infinity, NaN and anything past 2^31 - 1 ms make a browser fire the timer at once.
+    for (const bad of [Infinity, NaN, -1, 2 ** 31]) {
+      await expect(joinRoom(relay.wsUrl, "zzzzzz", { pingIntervalMs: bad })).rejects.toThrow(RangeError);
+    }
+    await expect(joinRoom(relay.wsUrl, "zzzzzz", { queueMaxMessages: 1.5 })).rejects.toThrow(RangeError);
+    await expect(joinRoom(relay.wsUrl, "zzzzzz", { connectTimeoutMs: "6000" as unknown as number })).rejects.toThrow(TypeError);
+    // The bounds themselves are accepted: the join gets as far as the relay's answer.
+    expect((await rejection(joinRoom(relay.wsUrl, "zzzzzz", { pingIntervalMs: 2 ** 31 - 1, queueMaxMessages: 0 }))).code).toBe("room_not_found");
+  });
 });
 
 describe("reconnect", () => {
@@ -439,6 +450,21 @@ describe("reconnect", () => {
     await guestEvents.next("reconnected");
     guest.send("after");
     expect(await messages(hostEvents, 4)).toEqual([3, 4, 5, "after"]);
+  });
+
+  test("queueMaxMessages 0: an offline send is dropped at once (send returns false) and never arrives", async () => {
+    const p = proxy();
+    const { guest, hostEvents, guestEvents } = await hostAndGuest({ guestVia: p, guest: { queueMaxMessages: 0 } });
+    p.refusing = true;
+    p.cut();
+    await guestEvents.next("reconnecting");
+    expect(guest.send("lost")).toBe(false);
+    expect(guest.queuedCount).toBe(0);
+    expect(await guestEvents.next("error")).toMatchObject({ code: "queue_overflow", dropped: 1 });
+    p.refusing = false;
+    await guestEvents.next("reconnected");
+    guest.send("after");
+    expect(await messages(hostEvents, 1)).toEqual(["after"]);
   });
 
   test("queue bound by age: sends older than queueMaxAgeMs are dropped at flush with queue_expired", async () => {
