@@ -1524,7 +1524,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function onOpen(ws: Socket): void {
     const conn = ws.data;
-    // The socket's own peer address costs less here than `requestIP` during the upgrade.
+    // Off Fly (or without its header) the socket's own peer is the client.
     conn.ip ||= ws.remoteAddress || "unknown";
     conns.add(ws);
     originTotals(counters, conn.origin).connections++;
