@@ -1086,6 +1086,28 @@ describe("resume", () => {
     expect(await back.next("message")).toMatchObject({ seq: 6, data: "m6" });
   });
 
+  test("text beyond ASCII (2-, 3- and 4-byte UTF-8) arrives intact live and in a replay, mixed with ASCII frames", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "phone");
+    const texts = ["plain", "é and ü", "日本語", "🎉 party 🎲", "x".repeat(100) + "🙂", "ok"];
+    host.send({ type: "send", data: "first" });
+    const last = (await a.client.next("message")).seq;
+    a.client.close();
+    await host.next("peer_left");
+    const watcher = await joinRoom(r, code);
+    for (const t of texts) host.send({ type: "send", data: { t } });
+    host.send({ type: "set_state", data: { board: "♠♥♦♣" } });
+    for (const t of texts) expect((await watcher.client.next("message")).data).toEqual({ t });
+    expect((await watcher.client.next("state")).data).toEqual({ board: "♠♥♦♣" });
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "phone", room: code, resume: last });
+    expect(await back.next("joined")).toMatchObject({ resumed: true });
+    await back.barrier();
+    const replayed = back.frames.splice(0).filter((f) => f.type === "message" || f.type === "state");
+    expect(replayed.map((f) => f.data)).toEqual([...texts.map((t) => ({ t })), { board: "♠♥♦♣" }]);
+  });
+
   test("after a dead link (no close, unread frames), resume on a new socket replays what was lost in flight", async () => {
     const r = relay({ rateLimitPerSec: 0 });
     const { host, code } = await createRoom(r);
