@@ -206,3 +206,77 @@ test("a frame over Bun's hard limit (4 x MAX_MESSAGE_BYTES) is cut with 1009 and
   expect((await within(c.closed, "the hard-limit close")).code).toBe(1009);
   expect((await fetch(`${relay.url}/health`)).status).toBe(200);
 });
+
+// The send fast path splices `data` as written (after checking it is one JSON
+// value) instead of parsing the whole frame; everything else goes through
+// JSON.parse. If the two ever disagreed, a frame JSON.parse rejects could be
+// relayed (broken or injected JSON reaching every peer), or a good one refused.
+// Seeded mutants of tricky JSON, near misses included, sent through a real
+// relay: each must come out exactly as JSON.parse of the whole frame says.
+const JSON_SEEDS: readonly string[] = [
+  '{"a":1}', "[1,2,3]", '"s"', "-0", "0", "1e5", "1E+2", "0.5e-3", "-12.75", "123456789012345678901234567890",
+  '{"k":[true,false,null]}', '"\\u00e9\\n\\t\\"\\\\\\/\\b\\f\\r"', '"\\ud83d\\ude00"', '" { \\u005b "', ' { "a" : [ 1 , { } ] } ',
+  "[[[[]]]]", '{"":""}', '"é🎉\u2028"', "true", "false", "null", '{"a":{"b":{"c":[{}]}}}', "\t\n\r 7 \r\n\t",
+];
+const MUTATION_CHARS = '{}[]":,.-+eE0123456789tfnrula\\/ \t\n\r\u0001\u000bé';
+
+function mutant(rng: Rng): string {
+  const r = rng.next();
+  if (r < 0.08) {
+    // Nesting around the fast path's depth bound (31): deeper goes to JSON.parse.
+    const depth = 28 + rng.int(8);
+    const open = rng.next() < 0.5 ? "[" : '{"k":';
+    const close = open === "[" ? "]" : "}";
+    return open.repeat(depth) + rng.pick(JSON_SEEDS) + close.repeat(depth - rng.int(2));
+  }
+  if (r < 0.16) return rng.pick(JSON_SEEDS) + rng.pick([" ", ",", "", " 1", "}", "]", ',"x":1']) + rng.pick(JSON_SEEDS);
+  let text = rng.pick(JSON_SEEDS);
+  for (let edits = 1 + rng.int(3); edits > 0; edits--) {
+    const at = rng.int(text.length + 1);
+    const c = rng.pick([...MUTATION_CHARS]);
+    const op = rng.int(3);
+    text = op === 0 ? text.slice(0, at) + c + text.slice(at) : op === 1 ? text.slice(0, at) + c + text.slice(at + 1) : text.slice(0, at) + text.slice(at + 1);
+  }
+  return text;
+}
+
+test(`seed ${SEED}: the send fast path accepts exactly the data JSON.parse accepts`, async () => {
+  const r = testRelay({ rateLimitPerSec: 0 });
+  const { host, code } = await createRoom(r);
+  const guest = await joinRoom(r, code);
+  const rng = prng(SEED + 1);
+  const expectedData: unknown[] = [];
+  let expectedErrors = 0;
+  let sent = 0;
+  for (let n = 0; n < 4000; n++) {
+    const text = '{"type":"send",' + (rng.next() < 0.3 ? '"to":1,' : "") + '"data":' + mutant(rng) + "}";
+    // What the wire carries: UTF-8 has no lone surrogates (a split emoji becomes U+FFFD).
+    const frame = Buffer.from(text, "utf8").toString("utf8");
+    let parsed: Record<string, unknown> | undefined;
+    try {
+      parsed = JSON.parse(frame);
+    } catch {
+      parsed = undefined;
+    }
+    // A mutant that turned into other fields (`,"to":…`) is a different test: skip it.
+    if (parsed && !(Object.keys(parsed).join() === "type,data" || Object.keys(parsed).join() === "type,to,data")) continue;
+    if (parsed && parsed.data === undefined) continue;
+    // The general path re-serialises (-0 becomes 0), the fast path keeps the text: compare values.
+    if (parsed) expectedData.push(JSON.stringify(parsed.data));
+    else expectedErrors++;
+    host.send(frame);
+    sent++;
+  }
+  await host.barrier();
+  await guest.client.barrier();
+  const got = guest.client.frames.filter((f) => f.type !== "pong");
+  expect(got.every((f) => f.type === "message")).toBe(true);
+  expect(got.map((f) => JSON.stringify(f.data))).toEqual(expectedData);
+  const errors = host.frames.filter((f) => f.type === "error");
+  expect(errors.map((f) => f.code)).toEqual(Array(expectedErrors).fill("invalid_json"));
+  // Both outcomes occur in volume, so neither side of the check is vacuous.
+  expect(expectedData.length).toBeGreaterThan(500);
+  expect(expectedErrors).toBeGreaterThan(500);
+  expect(sent).toBe(expectedData.length + expectedErrors);
+  await r.stop();
+});
