@@ -223,7 +223,7 @@ const MUTATION_CHARS = '{}[]":,.-+eE0123456789tfnrula\\/ \t\n\r\u0001\u000bé';
 function mutant(rng: Rng): string {
   const r = rng.next();
   if (r < 0.08) {
-    // Nesting around the fast path's depth bound (31): deeper goes to JSON.parse.
+    // Deep nesting, sometimes unbalanced.
     const depth = 28 + rng.int(8);
     const open = rng.next() < 0.5 ? "[" : '{"k":';
     const close = open === "[" ? "]" : "}";
