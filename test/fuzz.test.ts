@@ -245,7 +245,7 @@ test(`seed ${SEED}: the send fast path accepts exactly the data JSON.parse accep
   const { host, code } = await createRoom(r);
   const guest = await joinRoom(r, code);
   const rng = prng(SEED + 1);
-  const expectedData: unknown[] = [];
+  const expectedData: string[] = [];
   let expectedErrors = 0;
   let sent = 0;
   for (let n = 0; n < 4000; n++) {
