@@ -21,7 +21,7 @@
 //   churn            --lanes parallel loops of: connect, create, 3 joins, one broadcast, all close
 //   idle             --idle-conns connections in rooms of --idle-room-size, then sit still
 
-import { Conn, State, payloadText, wsStats, type WsHandler } from "./ws.ts";
+import { Conn, State, closeAll, payloadText, wsStats, type WsHandler } from "./ws.ts";
 import { Histogram, benchFrame, nowUs, parsed, readBench, readBenchData, stampFrame, type Waiter } from "./msg.ts";
 import { coreBusy, coreTicks, loadavg, processCpuUs, processRssBytes, type CoreTicks } from "./proc.ts";
 
@@ -482,7 +482,7 @@ async function openLoop(o: LoadOptions, targeted: boolean, loadAtStart: string):
   };
   const timer = setInterval(tick, 5);
   const result = await measure(o, loadAtStart, () => clearInterval(timer));
-  await closeAll(clients);
+  await closeClients(clients);
   return result;
 }
 
@@ -516,7 +516,7 @@ async function closedLoop(o: LoadOptions, targeted: boolean, loadAtStart: string
   const t = nowUs();
   for (const c of clients) for (let i = 0; i < w; i++) sendBench(c, t);
   const result = await measure(o, loadAtStart, () => {});
-  await closeAll(clients);
+  await closeClients(clients);
   return result;
 }
 
@@ -538,7 +538,7 @@ async function churn(o: LoadOptions, loadAtStart: string): Promise<LoadResult> {
         o.setupTimeoutS,
         "churn broadcast",
       );
-      await closeAll(all);
+      await closeClients(all);
       if (stats.measuring) {
         cycles++;
         hist.add(Math.round((performance.now() - began) * 1000));
@@ -581,28 +581,14 @@ async function idle(o: LoadOptions, loadAtStart: string): Promise<LoadResult> {
     alive,
   };
   result.serverRssBytes = rss;
-  await closeAll(conns);
+  await closeClients(conns);
   return result;
 }
 
-/** Close every connection and wait (bounded) until all are closed. */
-async function closeAll(conns: Conn<Client>[]): Promise<void> {
-  let open = 0;
-  await new Promise<void>((resolve) => {
-    for (const c of conns) {
-      c.user.leaving = true;
-      c.user.onMessage = null;
-      if (c.state === State.Closed) continue;
-      open++;
-      c.user.onClosed = () => { if (--open === 0) resolve(); };
-      c.close(1000);
-    }
-    if (open === 0) resolve();
-    setTimeout(() => {
-      for (const c of conns) if (c.state !== State.Closed) c.terminate();
-      resolve();
-    }, 5000).unref();
-  });
+/** Stops counting bench messages, then closes every connection (bounded). */
+function closeClients(conns: Conn<Client>[]): Promise<void> {
+  for (const c of conns) c.user.onMessage = null;
+  return closeAll(conns);
 }
 
 // ---------------------------------------------------------------------- main

@@ -26,7 +26,7 @@
 
 import { resolve } from "node:path";
 import type { Subprocess } from "bun";
-import { Conn, State, buildTextFrame, payloadText, utf8, type WsHandler } from "./ws.ts";
+import { Conn, State, buildTextFrame, closeAll, payloadText, utf8, type WsHandler } from "./ws.ts";
 import { benchFrame, nowUs, parsed, readBench, readBenchData, stampFrame, type BenchFrame, type Waiter } from "./msg.ts";
 import { processCpuUs, processRssBytes } from "./proc.ts";
 
@@ -304,26 +304,6 @@ function sendBench(c: Conn<Peer>): void {
   if (c.state !== State.Open) return;
   const at = c.appendFrame(u.bench!.frame);
   stampFrame(c.outBuf, at, u.bench!, u.sent++, nowUs());
-}
-
-async function closeAll(conns: Conn<Peer>[]): Promise<void> {
-  let open = 0;
-  await new Promise<void>((done) => {
-    for (const c of conns) {
-      c.user.leaving = true;
-      if (c.state === State.Closed) continue;
-      open++;
-      c.user.onClosed = () => {
-        if (--open === 0) done();
-      };
-      c.close(1000);
-    }
-    if (open === 0) done();
-    setTimeout(() => {
-      for (const c of conns) if (c.state !== State.Closed) c.terminate();
-      done();
-    }, 5000).unref();
-  });
 }
 
 // ---------------------------------------------------------------- abusers

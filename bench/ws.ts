@@ -395,3 +395,31 @@ export function payloadText(buf: Uint8Array, start: number, end: number): string
 export function utf8(text: string): Uint8Array {
   return encoder.encode(text);
 }
+
+/** What `closeAll` needs of a connection's user data. */
+export interface Leaving<U> {
+  /** Closing on purpose: the close is not counted as unexpected. */
+  leaving: boolean;
+  onClosed: ((c: Conn<U>) => void) | null;
+}
+
+/** Closes every connection with a handshake and waits until all are closed, terminating stragglers after 5 s. */
+export async function closeAll<U extends Leaving<U>>(conns: Conn<U>[]): Promise<void> {
+  let open = 0;
+  await new Promise<void>((done) => {
+    for (const c of conns) {
+      c.user.leaving = true;
+      if (c.state === State.Closed) continue;
+      open++;
+      c.user.onClosed = () => {
+        if (--open === 0) done();
+      };
+      c.close(1000);
+    }
+    if (open === 0) done();
+    setTimeout(() => {
+      for (const c of conns) if (c.state !== State.Closed) c.terminate();
+      done();
+    }, 5000).unref();
+  });
+}
