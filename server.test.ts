@@ -57,8 +57,21 @@ describe("create", () => {
   });
 
   test.each([
-    ["http://game.example/{room}", "url must be an absolute https URL"],
-    ["/relative/{room}", "url must be an absolute https URL"],
+    // Party-Sockets' own text for every scheme that is not https.
+    ["http://game.example/{room}", "url must be an https URL"],
+    ["javascript:alert(1)", "url must be an https URL"],
+    ["wss://game.example/{room}", "url must be an https URL"],
+    ["ftp://game.example/{room}", "url must be an https URL"],
+    ["data:text/html,hi", "url must be an https URL"],
+    ["/relative/{room}", "url must be an https URL"],
+    ["https://", "url must be an absolute URL"],
+    // Every brace belongs to a whole {room} or {instance}.
+    ["https://p.example/{room", "url may only use the {room} and {instance} placeholders"],
+    ["https://p.example/room}", "url may only use the {room} and {instance} placeholders"],
+    ["https://p.example/{}", "url may only use the {room} and {instance} placeholders"],
+    ["https://p.example/{{room}}", "url may only use the {room} and {instance} placeholders"],
+    ["https://p.example/{ROOM}", "url may only use the {room} and {instance} placeholders"],
+    ["https://p.example/{room}/{instance", "url may only use the {room} and {instance} placeholders"],
     ["https://game.example/a b", "url must not contain spaces or control characters"],
     ["https://game.example/\u0001", "url must not contain spaces or control characters"],
     ["https://game.example/{code}", "url may only use the {room} and {instance} placeholders"],
@@ -248,15 +261,18 @@ describe("send", () => {
     expect(a.client.pending("message")).toEqual([]);
   });
 
-  test.each([[-1], [1.5], ["1"], [[]], [[1, "2"]], [null], [{}]])("to: %p is target_not_found", async (to) => {
-    const r = relay();
-    const { host, code } = await createRoom(r);
-    const a = await joinRoom(r, code);
-    host.send({ type: "send", to, data: "x" });
-    await host.error("target_not_found");
-    await a.client.barrier();
-    expect(a.client.pending("message")).toEqual([]);
-  });
+  test.each([[-1], [1.5], ["1"], ["0"], [-0.5], [1e300], [true], [[]], [[1, "2"]], [null], [{}]])(
+    "to: %p is answered as Party-Sockets does, Target peer not found, and nothing is delivered",
+    async (to) => {
+      const r = relay();
+      const { host, code } = await createRoom(r);
+      const a = await joinRoom(r, code);
+      host.send({ type: "send", to, data: "x" });
+      expect(await host.error("target_not_found")).toEqual({ type: "error", code: "target_not_found", message: "Target peer not found" });
+      await a.client.barrier();
+      expect(a.client.pending("message")).toEqual([]);
+    },
+  );
 
   test("data of every JSON kind round-trips exactly; a send without data relays no data field", async () => {
     const r = relay();
@@ -963,7 +979,7 @@ describe("limits and abuse", () => {
     }
     const c = await TestClient.connect(r.wsUrl);
     c.send({ type: "join", clientId: "g-last", room: code });
-    await c.error("room_full");
+    expect(await c.error("room_full")).toMatchObject({ message: "Room is full" });
   });
 
   test.each([[4000], [60_000]])("a slow consumer is closed with 4002 after receiving every message up to then, with no gap (%p-byte frames)", async (padBytes) => {

@@ -201,7 +201,7 @@ type Valid =
   | PingMessage;
 
 const URL_MAX_BYTES = 512;
-const URL_PLACEHOLDER = /\{([^}]*)\}/g;
+const URL_PLACEHOLDER = /\{(?:room|instance)\}/g;
 const URL_FORBIDDEN_CHARS = /[\s\u0000-\u001f\u007f]/;
 
 const isObject = (v: unknown): v is Record<string, unknown> =>
@@ -222,15 +222,12 @@ function checkUrlTemplate(v: unknown): Rejection | undefined {
   if (typeof v !== "string") return rejection("invalid_url", "url must be a string");
   if (utf8Bytes(v) > URL_MAX_BYTES) return rejection("invalid_url", `url must be at most ${URL_MAX_BYTES} bytes`);
   if (URL_FORBIDDEN_CHARS.test(v)) return rejection("invalid_url", "url must not contain spaces or control characters");
-  for (const [, name] of v.matchAll(URL_PLACEHOLDER)) {
-    if (name !== "room" && name !== "instance") {
-      return rejection("invalid_url", "url may only use the {room} and {instance} placeholders");
-    }
-  }
+  // Every brace must belong to a whole `{room}` or `{instance}`: `{room`, `room}`, `{}`,
+  // `{{room}}` and `{ROOM}` would reach players as a broken link (Party-Sockets rejects them too).
   const sample = v.replace(URL_PLACEHOLDER, "x");
-  if (!sample.toLowerCase().startsWith("https://") || !URL.canParse(sample)) {
-    return rejection("invalid_url", "url must be an absolute https URL");
-  }
+  if (/[{}]/.test(sample)) return rejection("invalid_url", "url may only use the {room} and {instance} placeholders");
+  if (!sample.toLowerCase().startsWith("https://")) return rejection("invalid_url");
+  if (!URL.canParse(sample)) return rejection("invalid_url", "url must be an absolute URL");
 }
 
 const SEND_PREFIX = '{"type":"send",';
@@ -294,7 +291,8 @@ function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
     case "send": {
       const { to, data } = msg;
       if (to !== undefined && !isSlot(to) && !(Array.isArray(to) && to.length > 0 && to.every(isSlot))) {
-        return rejection("target_not_found", "to must be a slot index or a non-empty array of them");
+        // Party-Sockets answers a malformed `to` exactly as an absent slot.
+        return rejection("target_not_found");
       }
       return { type: "send", to, dataJson: data === undefined ? undefined : JSON.stringify(data) };
     }
@@ -1003,7 +1001,7 @@ function createRouter(ctx: RoutingContext) {
    * replay or a 302). Synchronous unless peers must be probed.
    */
   function route(req: Request, url: URL): Response | null | Promise<Response | null> {
-    if (!ctx.flyAppName || NEVER_ROOM_PATHS.has(url.pathname)) return null;
+    if (!ctx.flyAppName) return null;
     if (req.headers.has(PROBE_HEADER)) {
       // A peer's probe: local state only, never probe again.
       const code = codeFromPath(url.pathname);
@@ -1029,6 +1027,9 @@ function createRouter(ctx: RoutingContext) {
       });
     }
 
+    // `?instance=` pinned every route above (so one machine's /metrics can be read through
+    // the public address); only room codes go on to be routed by region and probe.
+    if (NEVER_ROOM_PATHS.has(url.pathname)) return null;
     const code = codeFromPath(url.pathname);
     if (!code || ctx.hasRoom(code)) return null;
     const home = regionOfCode(code);
@@ -1284,7 +1285,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     const owned = room.byClientId.get(msg.clientId);
     if (owned?.ws) return replace(ws, room, owned, msg.resume);
     if (room.present >= room.maxClients) return sendError(ws, "room_full");
-    if (!owned && room.slots.length >= maxSlotsPerRoom) return sendError(ws, "room_full", "Room has no slots left");
+    if (!owned && room.slots.length >= maxSlotsPerRoom) return sendError(ws, "room_full");
     const member = owned ?? addMember(room, msg.clientId);
     seat(ws, room, member);
     room.present++;

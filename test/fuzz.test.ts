@@ -50,6 +50,13 @@ function spliceBait(rng: Rng): string {
     : '{"type":"send","to":' + rng.pick(["0", "1", "01", "", "1.5", "99999999999", "2"]) + ',"data":' + junk() + "}";
 }
 
+/** A `create` whose url a Party-Sockets relay refuses: a scheme other than https, or a brace outside `{room}`/`{instance}`. */
+function badUrlCreate(rng: Rng): string {
+  const scheme = rng.pick(["http://p.example/", "javascript:alert(1)//", "wss://p.example/", "ftp://p.example/", "data:text/html,", "https://p.example/"]);
+  const brace = rng.pick(["{room", "room}", "{}", "{{room}}", "{ROOM}", "{code}", "{room}}", "}{room}", "{instance", "x{room}{"]);
+  return JSON.stringify({ type: "create", clientId: "fuzz-url", maxClients: 2, url: scheme + rng.pick(["", "{room}/"]) + brace });
+}
+
 /** A frame that is valid JSON object with a valid shape, for a room that exists. */
 function validish(rng: Rng, code: string): Record<string, unknown> {
   const clientId = "fuzz-" + rng.int(50);
@@ -88,7 +95,8 @@ function hostileFrame(rng: Rng, code: string): { frame: string | Uint8Array; mus
   if (roll < 0.3) return { frame: "x".repeat(MAX_MESSAGE_BYTES + 1 + rng.int(1000)), mustError: true, oversized: true };
   if (roll < 0.36) return { frame: deepNest(rng), mustError: false };
   if (roll < 0.39) return { frame: spliceBait(rng), mustError: false };
-  if (roll < 0.42) return { frame: JSON.stringify({ type: rng.pick(TYPES.slice(7)), data: 1 }), mustError: true };
+  if (roll < 0.41) return { frame: badUrlCreate(rng), mustError: true };
+  if (roll < 0.44) return { frame: JSON.stringify({ type: rng.pick(TYPES.slice(7)), data: 1 }), mustError: true };
   if (roll < 0.75) return { frame: JSON.stringify(mutate(rng, validish(rng, code))), mustError: false };
   return { frame: JSON.stringify(validish(rng, code)), mustError: false };
 }
@@ -153,6 +161,8 @@ test(`seed ${SEED}: ${HOSTILE_SOCKETS} x ${FRAMES_PER_SOCKET} hostile frames; th
       }
       for (const a of answers) {
         expect(KNOWN_TYPES.has(a.type)).toBe(true);
+        // Only the two placeholders are filled, so a created url never carries a brace.
+        if (a.type === "created" && a.url !== undefined) expect(a.url).not.toMatch(/[{}]/);
         if (a.type === "error") {
           stats.errors++;
           expect(errorCodes.has(a.code)).toBe(true);

@@ -169,6 +169,33 @@ describe("?instance= pinning", () => {
   });
 });
 
+describe("?instance= pins /health and /metrics like every other route", () => {
+  test.each(["/health", "/metrics", "/client.js"])("%s?instance=<other> is the 409 fly-replay, not this machine's answer", async (path) => {
+    const res = await fetch(`http://${hostOf("a1")}:${port}${path}?instance=a2`);
+    expect(res.status).toBe(409);
+    expect(res.headers.get("fly-replay")).toBe("instance=a2;timeout=5s;fallback=force_self");
+  });
+
+  test("through the public address, /metrics?instance=<id> is that machine's metrics", async () => {
+    for (const id of ["a3", "n2"] as const) {
+      const res = await viaProxy(`/metrics?instance=${id}`, "a1");
+      expect(res.status).toBe(200);
+      expect(await res.text()).toContain(`party_sockets_rooms{instance="${id}"`);
+    }
+    const health = await viaProxy(`/health?instance=n1`, "a2");
+    expect(await health.json()).toEqual({ status: "ok" });
+    expect(proxy.hops.at(-1)?.machine).toBe("n1");
+  });
+
+  test("a stale pin falls back to a 302 without instance, keeping the rest of the query", async () => {
+    for (const path of ["/health", "/metrics"]) {
+      const res = await viaProxy(`${path}?instance=gone000000000&x=1`, "a2", { redirect: "manual" });
+      expect(res.status).toBe(302);
+      expect(res.headers.get("location")).toBe(`${path}?x=1`);
+    }
+  });
+});
+
 describe("a code typed by hand", () => {
   test("finds its room from every machine of its region (upgrade and /room/)", async () => {
     const { code } = await createRoomOn("a2");
