@@ -62,6 +62,7 @@ export type ServerMessage =
   | StateMessage
   | LeftMessage
   | PongMessage
+  | MovedMessage
   | ErrorMessage;
 
 export interface CreatedMessage {
@@ -120,6 +121,12 @@ export interface PongMessage {
   /** Server clock, ms since the epoch. */
   t: number;
 }
+/** The room moved to another machine (a deploy): reconnect there, then close 4005 follows. */
+export interface MovedMessage {
+  type: "moved";
+  /** The machine that holds the room now: reconnect with `?instance=<instance>`. */
+  instance: string;
+}
 export interface ErrorMessage {
   type: "error";
   code: ErrorCode;
@@ -152,6 +159,8 @@ export const ERRORS = {
   rate_limited: "Rate limited: messages are being dropped",
   binary_unsupported: "Binary frames are not supported; send JSON text",
   too_many_rooms: "Too many rooms",
+  /** Any frame from a member while its room is handed to another machine: nothing was relayed, resend after the move. */
+  moving: "Room is moving to another server",
 } as const;
 
 export type ErrorCode = keyof typeof ERRORS;
@@ -167,6 +176,8 @@ export const CLOSES = {
   policy: { code: 1008, reason: "too many connections" },
   tooLarge: { code: 1009, reason: "message too large" },
   shutdown: { code: 1001, reason: "server shutting down" },
+  /** After `moved`: the room lives on another machine now (a deploy hand-off). */
+  moved: { code: 4005, reason: "moved" },
 } as const;
 
 export type CloseName = keyof typeof CLOSES;

@@ -12,6 +12,7 @@ import type { Server, ServerWebSocket } from "bun";
 // /client.js needs no file on disk; TypeScript only knows the module reading.
 // @ts-expect-error TS1192: a text import has a default export TypeScript cannot see
 import clientSource from "./client.ts" with { type: "text" };
+import { createHash, timingSafeEqual } from "node:crypto";
 import { Resolver } from "node:dns/promises";
 import pkg from "./package.json" with { type: "json" };
 import { statusPageHtml } from "./status-page.ts";
@@ -73,6 +74,12 @@ export interface RelayOptions extends RoutingOptions {
   resumeRoomFrames: number;
   resumeRoomBytes: number;
   resumeTotalBytes: number;
+  /** Shared by the app's machines; "" turns the deploy hand-off (and its peer endpoint) off. */
+  peerSecret: string;
+  /** An adopted room waits this long with nobody present for its members to arrive. */
+  movingGraceMs: number;
+  /** Bound on one attempt to hand a room to one peer. */
+  handoffTimeoutMs: number;
   tls?: { certFile: string; keyFile: string };
 }
 
@@ -104,6 +111,9 @@ export const DEFAULTS: Readonly<RelayOptions> = Object.freeze({
   resumeRoomFrames: 4096,
   resumeRoomBytes: 512 * 1024,
   resumeTotalBytes: 32 * 1024 * 1024,
+  peerSecret: "",
+  movingGraceMs: 30_000,
+  handoffTimeoutMs: 5_000,
   ...routingDefaults(),
 });
 
@@ -128,6 +138,8 @@ const NUMERIC_ENV = {
   RESUME_ROOM_FRAMES: "resumeRoomFrames",
   RESUME_ROOM_BYTES: "resumeRoomBytes",
   RESUME_TOTAL_BYTES: "resumeTotalBytes",
+  MOVING_GRACE_MS: "movingGraceMs",
+  HANDOFF_TIMEOUT_MS: "handoffTimeoutMs",
   PROBE_TIMEOUT_MS: "probeTimeoutMs",
   PROBE_CONCURRENCY: "probeConcurrency",
   PROBE_BUDGET_PER_SEC: "probeBudgetPerSec",
@@ -156,12 +168,14 @@ export function optionsFromEnv(env: Record<string, string | undefined> = process
   const dashboardUrl = text("DASHBOARD_URL");
   const logLevel = text("LOG_LEVEL");
   const dnsServer = text("DNS_SERVER");
+  const peerSecret = text("PEER_SECRET");
   if (hostname) options.hostname = hostname;
   if (instanceId) options.instanceId = instanceId;
   if (region) options.region = region;
   if (flyAppName) options.flyAppName = flyAppName;
   if (dashboardUrl) options.dashboardUrl = dashboardUrl;
   if (dnsServer) options.dnsServer = dnsServer;
+  if (peerSecret) options.peerSecret = peerSecret;
   if (logLevel) {
     if (!LOG_LEVELS.includes(logLevel as LogLevel)) throw new Error(`LOG_LEVEL must be one of ${LOG_LEVELS.join(", ")}`);
     options.logLevel = logLevel as LogLevel;
@@ -386,6 +400,14 @@ interface Room {
   /** Recent relayed frames, for `join` with `resume`; made on the first one (idle rooms cost nothing). */
   ring?: FrameRing;
   hostGraceTimer?: Timer;
+  /** When the host grace ends (a transfer carries what is left of it). */
+  hostGraceUntilMs?: number;
+  /** Being handed to another machine: members' frames get `moving`, nothing is relayed. */
+  moving?: boolean;
+  /** Adopted rooms: the transfer that brought it here (a repeat of it is answered 200). */
+  transferId?: string;
+  /** Adopted rooms: kept with nobody present until then, so the members have time to arrive. */
+  movingGraceUntilMs?: number;
   closed: boolean;
   /** Bytes published to the room since its members' backlogs were last checked. */
   uncheckedBytes: number;
@@ -541,7 +563,7 @@ class FrameRing {
   }
 
   /** Keeps a frame, dropping the oldest as needed; a frame larger than the whole bound is given up with all the rest. */
-  push(seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
+  push(seq: number, frame: Pick<FrameWriter, "length" | "copyTo">, from: number, to: Recipients, atMs: number): void {
     const length = frame.length;
     if (length > this.maxBytes) {
       while (this.count > 0) this.dropOldest();
@@ -606,6 +628,39 @@ class FrameRing {
   lostSince(index: number, afterSeq: number): boolean {
     const broadcast = this.lostBroadcast.from !== index ? this.lostBroadcast.seq : this.lostBroadcastOtherSeq;
     return broadcast > afterSeq || (this.lostTargeted?.get(index) ?? 0) > afterSeq;
+  }
+
+  /** Every frame held, oldest first, as plain data (a transfer carries them). */
+  *records(): Generator<RingRecord> {
+    for (let i = 0; i < this.count; i++) {
+      const r = this.record(i);
+      const seq = this.index[r + REC_SEQ]!;
+      const to = this.index[r + REC_TO]!;
+      const offset = this.index[r + REC_OFFSET]!;
+      yield {
+        seq,
+        atMs: this.index[r + REC_AT_MS]!,
+        from: this.index[r + REC_FROM]!,
+        to: to === -1 ? undefined : to === -2 ? this.lists!.get(seq)! : to,
+        frame: this.bytes.toString("utf8", offset, offset + this.index[r + REC_LENGTH]!),
+      };
+    }
+  }
+
+  /** What was given up, as plain data, so an adopted ring refuses exactly the resumes this one would. */
+  lostRecord(): LostRecord {
+    return {
+      broadcastSeq: this.lostBroadcast.seq,
+      broadcastFrom: this.lostBroadcast.from,
+      broadcastOtherSeq: this.lostBroadcastOtherSeq,
+      targeted: [...(this.lostTargeted ?? [])],
+    };
+  }
+
+  restoreLost(lost: LostRecord): void {
+    this.lostBroadcast = { seq: lost.broadcastSeq, from: lost.broadcastFrom };
+    this.lostBroadcastOtherSeq = lost.broadcastOtherSeq;
+    this.lostTargeted = lost.targeted.length > 0 ? new Map(lost.targeted) : undefined;
   }
 
   /** Frees the buffers of an empty ring (what was given up stays recorded). */
@@ -680,6 +735,176 @@ class FrameRing {
     }
     Object.assign(this, { bytes, writeAt: at });
   }
+}
+
+// ================================================= hand-off: the transfer value
+//
+// On SIGTERM a room is written out as this plain, versioned value and posted to
+// a peer of the region (POST /peer/rooms on its private address), which checks
+// it as strictly as a client frame before adopting the room under the same code.
+// A receiver takes its own version and the previous one (v1 is the first), so
+// old and new releases hand rooms to each other during a rolling deploy.
+
+interface RingRecord {
+  seq: number;
+  atMs: number;
+  from: number;
+  to: Recipients;
+  /** The frame exactly as relayed. */
+  frame: string;
+}
+
+interface LostRecord {
+  broadcastSeq: number;
+  broadcastFrom: number;
+  broadcastOtherSeq: number;
+  /** [slot, the last targeted seq given up for it]. */
+  targeted: [number, number][];
+}
+
+/** One slot. `clientId: null`: released by `leave` (never reclaimable). */
+interface TransferSlot {
+  clientId: string | null;
+  /** The room's `seq` when the slot was created. */
+  since: number;
+}
+
+interface TransferFrame {
+  seq: number;
+  /** Age rather than a timestamp: the machines' clocks need not agree. */
+  ageMs: number;
+  from: number;
+  /** -1: everyone but the sender; a slot; or a list of slots. */
+  to: number | number[];
+  frame: string;
+}
+
+interface RoomTransfer {
+  v: 1;
+  /** Names this hand-off: the same room offered twice is adopted once. */
+  transfer: string;
+  /** The sending machine (logged as the peer). */
+  source: string;
+  code: string;
+  maxClients: number;
+  origin: string;
+  url?: string;
+  slots: TransferSlot[];
+  /** The last `state` frame as relayed. */
+  state?: string;
+  seq: number;
+  frames: TransferFrame[];
+  lost: LostRecord;
+  /** What is left of the host grace when the host's slot is vacant. */
+  hostGraceMs?: number;
+}
+
+export const PEER_SECRET_HEADER = "x-party-sockets-peer-secret";
+const PEER_ROOMS_PATH = "/peer/rooms";
+/** The versions this release adopts: its own and the previous one. */
+const TRANSFER_VERSIONS: readonly number[] = [1];
+const TRANSFER_ID_PATTERN = /^[A-Za-z0-9-]{8,64}$/;
+const ORIGIN_MAX_CHARS = 200;
+/** Rooms offered at once on SIGTERM: enough to keep a peer busy, few enough not to stall it. */
+const HANDOFF_CONCURRENCY = 16;
+/** How long an exit waits for close frames (4005, 1001) to complete; Bun gives a slow peer about 4 s. */
+const CLOSE_FLUSH_MS = 2000;
+const HANDOFF_RESULTS = ["moved", "refused", "failed", "no_peer"] as const;
+type HandoffResult = (typeof HANDOFF_RESULTS)[number];
+
+/** A refused transfer: the status and a reason that names a field, never a value. */
+interface TransferRejection {
+  status: 400 | 422;
+  error: string;
+}
+
+const isCount = (v: unknown, max: number): v is number => isSlot(v) && v <= max;
+
+/** A relayed frame's type and seq, if `text` is one (a `message` or a `state`) within `maxBytes`. */
+function relayedFrame(text: unknown, maxBytes: number): { type: "message" | "state"; seq: number } | undefined {
+  if (typeof text !== "string" || utf8Bytes(text) > maxBytes) return undefined;
+  let frame: unknown;
+  try {
+    frame = JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+  if (!isObject(frame) || (frame.type !== "message" && frame.type !== "state") || !isSlot(frame.seq)) return undefined;
+  return { type: frame.type, seq: frame.seq };
+}
+
+function checkTransferSlots(slots: unknown, seq: number, maxSlots: number): string | undefined {
+  if (!Array.isArray(slots) || slots.length === 0 || slots.length > maxSlots) return "slots";
+  const seen = new Set<string>();
+  for (const [i, slot] of slots.entries()) {
+    if (!isObject(slot) || !isCount(slot.since, seq)) return `slots[${i}]`;
+    if (slot.clientId === null) continue;
+    if (checkClientId(slot.clientId) || seen.has(slot.clientId as string)) return `slots[${i}].clientId`;
+    seen.add(slot.clientId as string);
+  }
+}
+
+function checkTransferFrames(frames: unknown, seq: number, slots: number, maxFrameBytes: number): string | undefined {
+  if (!Array.isArray(frames)) return "frames";
+  let last = 0;
+  for (const [i, f] of frames.entries()) {
+    if (!isObject(f) || !isCount(f.seq, seq) || f.seq <= last || !isSlot(f.ageMs) || !isCount(f.from, slots - 1)) return `frames[${i}]`;
+    last = f.seq;
+    const to = f.to;
+    const toOk = to === -1 || isCount(to, slots - 1) || (Array.isArray(to) && to.length > 0 && to.every((t) => isCount(t, slots - 1)));
+    if (!toOk) return `frames[${i}].to`;
+    if (relayedFrame(f.frame, maxFrameBytes)?.seq !== f.seq) return `frames[${i}].frame`;
+  }
+}
+
+function checkLost(lost: unknown, seq: number, slots: number): string | undefined {
+  if (!isObject(lost) || !isCount(lost.broadcastSeq, seq) || !isCount(lost.broadcastOtherSeq, seq)) return "lost";
+  if (!(lost.broadcastFrom === -1 || isCount(lost.broadcastFrom, slots - 1))) return "lost";
+  const targeted = lost.targeted;
+  if (!Array.isArray(targeted) || targeted.length > slots) return "lost.targeted";
+  const ok = targeted.every((e) => Array.isArray(e) && e.length === 2 && isCount(e[0], slots - 1) && isCount(e[1], seq));
+  if (!ok) return "lost.targeted";
+}
+
+/**
+ * The hand-off's one validation step, as strict as parseFrame: a peer's body
+ * becomes a RoomTransfer or a rejection naming the first bad field. Unknown
+ * fields are ignored, as in client frames. `region` is the receiver's: a room
+ * never leaves the region its code names.
+ */
+function parseTransfer(body: unknown, limits: RelayOptions, region: string, maxSlots: number): RoomTransfer | TransferRejection {
+  const bad = (error: string): TransferRejection => ({ status: 400, error });
+  if (!isObject(body)) return bad("body");
+  if (!isSlot(body.v)) return bad("v");
+  if (!TRANSFER_VERSIONS.includes(body.v)) return { status: 422, error: `version ${body.v} unknown here` };
+  const { transfer, source, code, maxClients, origin, url, seq, state, hostGraceMs } = body;
+  if (typeof transfer !== "string" || !TRANSFER_ID_PATTERN.test(transfer)) return bad("transfer");
+  if (typeof source !== "string" || !INSTANCE_ID_PATTERN.test(source)) return bad("source");
+  if (typeof code !== "string" || codeFromPath(`/${code}`) !== code) return bad("code");
+  const home = regionOfCode(code);
+  if (home !== null && home !== region.toLowerCase()) return bad("code: another region's");
+  if (!isSlot(maxClients) || maxClients < 1 || maxClients > limits.maxRoomClients) return bad("maxClients");
+  if (typeof origin !== "string" || origin.length > ORIGIN_MAX_CHARS) return bad("origin");
+  if (url !== undefined && checkUrlTemplate(url)) return bad("url");
+  if (!isSlot(seq)) return bad("seq");
+  const slotsBad = checkTransferSlots(body.slots, seq, maxSlots);
+  if (slotsBad) return bad(slotsBad);
+  const slots = (body.slots as unknown[]).length;
+  if (state !== undefined) {
+    const frame = relayedFrame(state, limits.maxStateBytes + FRAME_OVERHEAD_BYTES);
+    if (frame?.type !== "state" || frame.seq > seq) return bad("state");
+  }
+  const maxFrameBytes = Math.max(limits.maxMessageBytes, limits.maxStateBytes) + FRAME_OVERHEAD_BYTES;
+  const framesBad = checkTransferFrames(body.frames, seq, slots, maxFrameBytes) ?? checkLost(body.lost, seq, slots);
+  if (framesBad) return bad(framesBad);
+  if (hostGraceMs !== undefined && !isCount(hostGraceMs, limits.hostGraceMs)) return bad("hostGraceMs");
+  return body as unknown as RoomTransfer;
+}
+
+/** The largest body a valid transfer can take (JSON escaping at most doubles a frame), so a bigger one is refused unread. */
+function maxTransferBytes(limits: RelayOptions, maxSlots: number): number {
+  const perSlot = 2 * 128 + 64;
+  return 2 * (limits.resumeRoomBytes + limits.maxStateBytes + 2 * limits.maxMessageBytes) + maxSlots * perSlot + limits.resumeRoomFrames * 96 + 64 * 1024;
 }
 
 // ==================================================================== logging
@@ -818,6 +1043,8 @@ interface RoutingContext {
   /** The port peers listen on: ours (every machine runs the same config). */
   port: () => number;
   hasRoom: (code: string) => boolean;
+  /** The peer a room handed off on SIGTERM went to (remembered until exit). */
+  movedTo: (code: string) => string | undefined;
   log: Logger;
 }
 
@@ -1022,6 +1249,15 @@ function createRouter(ctx: RoutingContext) {
     const fellBack = req.headers.has("fly-replay-failed") || (src !== null && parseReplaySrc(src).instance === instanceId);
     const replayed = src !== null || fellBack;
 
+    // The room's holder serves it whatever `?instance=` says: Fly stops routing to a
+    // stopping machine, so a member's pin to the machine that handed the room off
+    // would wait out the replay timeout. And that machine sends its rooms' requests
+    // on to the peer that took them (unless the peer was unreachable: then we serve).
+    const named = NEVER_ROOM_PATHS.has(url.pathname) ? null : codeFromPath(url.pathname);
+    if (named && ctx.hasRoom(named)) return null;
+    const moved = named ? ctx.movedTo(named) : undefined;
+    if (moved && !fellBack) return replay(`instance=${moved};${REPLAY_TIMEOUT}`, "instance");
+
     const pinned = url.searchParams.get("instance");
     if (pinned !== null && INSTANCE_ID_PATTERN.test(pinned)) {
       if (pinned === instanceId) return null;
@@ -1051,7 +1287,7 @@ function createRouter(ctx: RoutingContext) {
     return findOwner(code).then((owner) => (owner ? replay(`instance=${owner};${REPLAY_TIMEOUT}`, "instance") : null));
   }
 
-  return { route, probes, answered, replays };
+  return { route, probes, answered, replays, regionPeers, addressOf };
 }
 
 // ==================================================================== factory
@@ -1086,10 +1322,13 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     region,
     port: () => server.port ?? options.port,
     hasRoom: (code) => rooms.has(code),
+    movedTo: (code) => movedTo.get(code),
     log,
   });
 
   const rooms = new Map<string, Room>();
+  /** Rooms handed off on SIGTERM → the peer that took each; their requests are replayed there until exit. */
+  const movedTo = new Map<string, string>();
   const conns = new Set<Socket>();
   const connectionsByIp = new Map<string, number>();
   const roomsByIp = new Map<string, number>();
@@ -1211,14 +1450,15 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     unseat(ws);
     member.ws = null;
     room.present--;
-    if (room.present === 0) return deleteRoom(room, "empty");
+    if (room.present === 0 && !awaitsMembers(room)) return deleteRoom(room, "empty");
     publish(room, null, JSON.stringify({ type: "peer_left", index: member.index }));
     // That publish may have evicted the last others (slow consumers) and deleted the room.
     if (member.index === 0 && !room.closed) startHostGrace(room);
   }
 
-  function startHostGrace(room: Room): void {
-    room.hostGraceTimer = setTimeout(() => closeRoom(room, "host_grace_expired"), options.hostGraceMs);
+  function startHostGrace(room: Room, ms = options.hostGraceMs): void {
+    room.hostGraceUntilMs = Date.now() + ms;
+    room.hostGraceTimer = setTimeout(() => closeRoom(room, "host_grace_expired"), ms);
   }
 
   function deleteRoom(room: Room, reason: string): void {
@@ -1407,7 +1647,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   let ringTotalBytes = 0;
   const resumeEnabled = options.resumeWindowMs > 0 && options.resumeRoomFrames > 0 && options.resumeRoomBytes > 0;
 
-  function remember(room: Room, seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
+  function remember(room: Room, seq: number, frame: Pick<FrameWriter, "length" | "copyTo">, from: number, to: Recipients, atMs: number): void {
     const ring = (room.ring ??= new FrameRing(options.resumeRoomFrames, options.resumeRoomBytes));
     if (!resumeEnabled) return ring.forget(seq, from, to);
     const before = ring.size;
@@ -1531,6 +1771,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     if (typeof raw !== "string") return sendError(ws, "binary_unsupported");
     const msg = parseFrame(raw, options);
     if ("reject" in msg) return sendError(ws, msg.reject, msg.message);
+    if (frozenByMove(conn, msg)) return sendError(ws, "moving");
     dispatch(ws, msg);
   }
 
@@ -1555,6 +1796,27 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     if (left > 0) connectionsByIp.set(ip, left);
     else connectionsByIp.delete(ip);
     if (room && member && member.ws === ws) vacate(room, member, ws);
+    if (closesAwaited && ![...conns].some((c) => c.data.closing)) closesAwaited();
+  }
+
+  let closesAwaited: (() => void) | undefined;
+
+  /**
+   * Resolves once every close the relay started has completed (or after
+   * CLOSE_FLUSH_MS): exiting earlier would cut the close frames, and a member
+   * would see 1006 instead of 4005 "moved" (or 1001).
+   */
+  function closesFlushed(): Promise<void> {
+    if (![...conns].some((c) => c.data.closing)) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        closesAwaited = undefined;
+        resolve();
+      };
+      const timer = setTimeout(done, CLOSE_FLUSH_MS);
+      closesAwaited = done;
+    });
   }
 
   // ------------------------------------------------------------ heartbeat
@@ -1580,6 +1842,211 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     }
   }, options.heartbeatIntervalMs);
   heartbeat.unref();
+
+  // ------------------------------------------------------------ hand-off (deploys)
+  //
+  // On SIGTERM, with PEER_SECRET set, each room is offered to the region's other
+  // machines in turn (rooms spread round robin). While an offer is out the room is
+  // frozen: members' frames get `moving` and nothing is relayed, so the value sent
+  // stays exact. On 201/200 every member gets `moved` and close 4005, and requests
+  // for the code are replayed to the peer until exit; otherwise the room thaws and
+  // drains here as before. A draining machine refuses adoption (503), so two
+  // machines draining at once never pass rooms back and forth.
+
+  const handoffEnabled = options.peerSecret !== "" && options.flyAppName !== "";
+  const handoffs = new Map<HandoffResult, number>(HANDOFF_RESULTS.map((r) => [r, 0]));
+  const handoffSeconds = { sum: 0, count: 0 };
+  let roomsAdopted = 0;
+  const sha256 = (text: string) => createHash("sha256").update(text).digest();
+  const secretDigest = sha256(options.peerSecret);
+  const transferBytesMax = maxTransferBytes(options, 4 * options.maxRoomClients);
+
+  /** Digests have equal lengths whatever was sent, so the compare takes the same time. */
+  function secretMatches(given: string | null): boolean {
+    return given !== null && timingSafeEqual(sha256(given), secretDigest);
+  }
+
+  /** A member's frame, or a join, for a room being handed off: refused with `moving`; pings still answer. */
+  function frozenByMove(conn: Conn, msg: Valid): boolean {
+    if (conn.room) return conn.room.moving === true && msg.type !== "ping";
+    return msg.type === "join" && rooms.get(msg.room)?.moving === true;
+  }
+
+  /** An adopted room waits, empty, for its members until the moving grace ends. */
+  function awaitsMembers(room: Room): boolean {
+    return room.movingGraceUntilMs !== undefined && Date.now() < room.movingGraceUntilMs;
+  }
+
+  function writeTransfer(room: Room, transfer: string, nowMs: number): RoomTransfer {
+    const hostAway = room.hostGraceTimer !== undefined && room.hostGraceUntilMs !== undefined;
+    return {
+      v: 1,
+      transfer,
+      source: instanceId,
+      code: room.code,
+      maxClients: room.maxClients,
+      origin: room.origin,
+      url: room.url,
+      slots: room.slots.map((m) => ({ clientId: room.byClientId.get(m.clientId) === m ? m.clientId : null, since: m.sinceSeq })),
+      state: room.stateFrame,
+      seq: room.seq,
+      frames: [...(room.ring?.records() ?? [])].map((r) => ({ seq: r.seq, ageMs: Math.max(0, nowMs - r.atMs), from: r.from, to: r.to ?? -1, frame: r.frame })),
+      lost: room.ring?.lostRecord() ?? { broadcastSeq: 0, broadcastFrom: -1, broadcastOtherSeq: 0, targeted: [] },
+      hostGraceMs: hostAway ? Math.max(0, room.hostGraceUntilMs! - nowMs) : undefined,
+    };
+  }
+
+  /** The room comes to life here with nobody present; the host's slot counts as vacated at the move. */
+  function adopt(t: RoomTransfer): void {
+    const nowMs = Date.now();
+    const room: Room = {
+      code: t.code,
+      topic: t.code,
+      maxClients: t.maxClients,
+      origin: t.origin,
+      creatorIp: "",
+      url: t.url,
+      slots: [],
+      byClientId: new Map(),
+      present: 0,
+      stateFrame: t.state,
+      seq: t.seq,
+      closed: false,
+      uncheckedBytes: 0,
+      transferId: t.transfer,
+      movingGraceUntilMs: nowMs + options.movingGraceMs,
+    };
+    for (const [index, slot] of t.slots.entries()) {
+      const member: Member = { index, clientId: slot.clientId ?? "", ws: null, sinceSeq: slot.since, stamp: 0 };
+      room.slots.push(member);
+      if (slot.clientId !== null) room.byClientId.set(slot.clientId, member);
+    }
+    room.ring = new FrameRing(options.resumeRoomFrames, options.resumeRoomBytes);
+    room.ring.restoreLost(t.lost);
+    for (const f of t.frames) {
+      const bytes = Buffer.from(f.frame, "utf8");
+      const frame = { length: bytes.length, copyTo: (target: Buffer, at: number) => void bytes.copy(target, at) };
+      remember(room, f.seq, frame, f.from, f.to === -1 ? undefined : f.to, nowMs - f.ageMs);
+    }
+    rooms.set(room.code, room);
+    startHostGrace(room, t.hostGraceMs ?? options.hostGraceMs);
+    setTimeout(() => {
+      if (!room.closed && room.present === 0) deleteRoom(room, "moving_grace_expired");
+    }, options.movingGraceMs).unref();
+    roomsAdopted++;
+    log.info("room_adopted", { room: room.code, peer: t.source });
+  }
+
+  const peerAnswer = (status: number, body: Record<string, unknown>) => json(body, status);
+
+  /** POST /peer/rooms: a draining peer hands us a room. Every refusal is a 4xx/503 naming a field, never a value. */
+  async function receiveRoom(req: Request): Promise<Response> {
+    if (!secretMatches(req.headers.get(PEER_SECRET_HEADER))) return peerAnswer(401, { error: "peer secret required" });
+    if (req.method !== "POST") return peerAnswer(405, { error: "POST only" });
+    if (draining) return peerAnswer(503, { error: "draining" });
+    const body = await readBounded(req, transferBytesMax);
+    if (body === undefined) return peerAnswer(413, { error: `body over ${transferBytesMax} bytes` });
+    let value: unknown;
+    try {
+      value = JSON.parse(body);
+    } catch {
+      return peerAnswer(400, { error: "body is not JSON" });
+    }
+    const t = parseTransfer(value, options, region, maxSlotsPerRoom);
+    if ("status" in t) return peerAnswer(t.status, { error: t.error });
+    const held = rooms.get(t.code);
+    if (held) return held.transferId === t.transfer ? peerAnswer(200, { room: t.code, transfer: t.transfer }) : peerAnswer(409, { error: "code held here" });
+    // Checked again after the body: we may have started draining, or the sender given up (no orphan copy).
+    if (draining || req.signal.aborted) return peerAnswer(503, { error: "draining" });
+    if (rooms.size >= options.maxRooms) return peerAnswer(503, { error: "full" });
+    adopt(t);
+    return peerAnswer(201, { room: t.code, transfer: t.transfer });
+  }
+
+  /** The body as text, or undefined past `maxBytes` (declared or streamed). */
+  async function readBounded(req: Request, maxBytes: number): Promise<string | undefined> {
+    if (Number(req.headers.get("content-length") ?? 0) > maxBytes) return undefined;
+    const chunks: Uint8Array[] = [];
+    let total = 0;
+    const reader = req.body?.getReader();
+    for (let next = await reader?.read(); next && !next.done; next = await reader!.read()) {
+      total += next.value.byteLength;
+      if (total > maxBytes) {
+        await reader!.cancel();
+        return undefined;
+      }
+      chunks.push(next.value);
+    }
+    return Buffer.concat(chunks).toString("utf8");
+  }
+
+  /** Offers the room to one peer. The room freezes first, so nothing changes after it is written out. */
+  async function offer(room: Room, peer: string, transfer: string): Promise<HandoffResult> {
+    room.moving = true;
+    const body = JSON.stringify(writeTransfer(room, transfer, Date.now()));
+    const signal = AbortSignal.timeout(options.handoffTimeoutMs);
+    try {
+      const address = await router.addressOf(peer);
+      const res = await globalThis.fetch(`http://${address}:${server.port}${PEER_ROOMS_PATH}`, {
+        method: "POST",
+        headers: { "content-type": "application/json", [PEER_SECRET_HEADER]: options.peerSecret },
+        body,
+        signal,
+      });
+      // Only a peer that names this transfer took the room (an old release answers this path with its status page).
+      const answer: unknown = await res.json().catch(() => undefined);
+      if ((res.status === 201 || res.status === 200) && isObject(answer) && answer.transfer === transfer) return "moved";
+      log.warn("handoff_failed", { room: room.code, peer, reason: String(res.status) });
+      return "refused";
+    } catch {
+      log.warn("handoff_failed", { room: room.code, peer, reason: signal.aborted ? "timeout" : "unreachable" });
+      return "failed";
+    }
+  }
+
+  /** Each peer in turn until one takes the room; with none, it thaws and drains here. */
+  async function handOff(room: Room, peers: string[]): Promise<void> {
+    const transfer = crypto.randomUUID();
+    const startedMs = performance.now();
+    for (const peer of peers) {
+      if (room.closed) return;
+      const result = await offer(room, peer, transfer);
+      bump(handoffs, result);
+      if (result !== "moved") continue;
+      handoffSeconds.sum += (performance.now() - startedMs) / 1000;
+      handoffSeconds.count++;
+      return finishMove(room, peer);
+    }
+    room.moving = false;
+    bump(handoffs, "no_peer");
+    log.warn("handoff_failed", { room: room.code, peer: null, reason: "no_peer" });
+  }
+
+  function finishMove(room: Room, peer: string): void {
+    movedTo.set(room.code, peer);
+    log.info("room_moved", { room: room.code, peer });
+    const moved = JSON.stringify({ type: "moved", instance: peer });
+    for (const member of room.slots) if (member.ws) deliver(member.ws, moved);
+    closeRoom(room, "moved", "moved");
+  }
+
+  /** Every room, HANDOFF_CONCURRENCY at a time, spread over the region's peers. */
+  async function handOffAll(): Promise<void> {
+    const peers = (await router.regionPeers()).map((p) => p.id);
+    const queue = [...rooms.values()];
+    if (peers.length === 0) {
+      for (const room of queue) log.warn("handoff_failed", { room: room.code, peer: null, reason: "no_peer" });
+      return bump(handoffs, "no_peer", queue.length);
+    }
+    let turn = 0;
+    const worker = async () => {
+      for (let room = queue.shift(); room; room = queue.shift()) {
+        const first = turn++ % peers.length;
+        await handOff(room, [...peers.slice(first), ...peers.slice(0, first)]);
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(HANDOFF_CONCURRENCY, queue.length) }, worker));
+  }
 
   // ------------------------------------------------------------ HTTP
 
@@ -1658,8 +2125,10 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     return routed ?? serveHere(req, url, srv);
   }
 
-  function serveHere(req: Request, url: URL, srv: Server<Conn>): Response | undefined {
+  function serveHere(req: Request, url: URL, srv: Server<Conn>): Response | undefined | Promise<Response> {
     if (req.headers.get("upgrade")?.toLowerCase() === "websocket") return upgrade(req, srv);
+    // Without PEER_SECRET the peer endpoint does not exist: that path is as unknown as any other.
+    if (handoffEnabled && url.pathname === PEER_ROOMS_PATH) return receiveRoom(req);
     const route = routes[url.pathname];
     if (route) return route(req);
     if (url.pathname.startsWith("/room/")) return roomInfo(url.pathname.slice("/room/".length));
@@ -1725,6 +2194,14 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     ]);
     family("party_sockets_frames_replayed_total", "counter", "Frames replayed to resuming members", one(counters.framesReplayed));
     family("party_sockets_resume_buffer_bytes", "gauge", "UTF-8 bytes of relayed frames kept for resume", one(ringTotalBytes));
+    family("party_sockets_handoffs_total", "counter", "Attempts to hand a room to a peer on SIGTERM, by result (no_peer: per room left here)", byLabel("result", handoffs));
+    family("party_sockets_rooms_adopted_total", "counter", "Rooms this machine adopted from a draining peer", one(roomsAdopted));
+    out.push(
+      "# HELP party_sockets_handoff_seconds Time from the first offer of a room to the peer's confirmation",
+      "# TYPE party_sockets_handoff_seconds summary",
+      `party_sockets_handoff_seconds_sum{${base}} ${handoffSeconds.sum}`,
+      `party_sockets_handoff_seconds_count{${base}} ${handoffSeconds.count}`,
+    );
     family("process_resident_memory_bytes", "gauge", "Resident set size", one(memory.rss));
     family("process_heap_used_bytes", "gauge", "JavaScript heap in use", one(memory.heapUsed));
     family("process_uptime_seconds", "gauge", "Seconds since the relay started", one((Date.now() - startedAtMs) / 1000));
@@ -1795,9 +2272,10 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       drained = () => {
         clearTimeout(drainTimer);
         log.info("drain_end", { rooms: rooms.size });
-        resolve();
+        void closesFlushed().then(resolve);
       };
       if (rooms.size === 0) return drained();
+      if (handoffEnabled) void handOffAll();
       if (options.drainTimeoutMs > 0) {
         drainTimer = setTimeout(() => {
           for (const room of [...rooms.values()]) closeRoom(room, "drain_timeout", "shutdown");
