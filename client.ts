@@ -21,6 +21,9 @@
 //   minutes); `online` and the page becoming visible again trigger an immediate check.
 // - Lossless reconnect: frames may carry a per-room `seq`; the client remembers the
 //   last one, sends it as `join.resume` on every rejoin, and drops any frame it has already seen.
+// - Deploys: a relay that hands its room to a peer answers sends with `moving` while the room is
+//   in flight, then sends `moved` and closes 4005. The refused sends go back to the front of the
+//   queue, and the client follows at once (no backoff) to `/<code>?instance=<peer>` with resume.
 
 import type {
   CLOSES,
@@ -151,6 +154,13 @@ export class RoomError extends Error {
 // Typed against protocol.ts's CLOSES table: a change there fails the type-check here.
 const CLOSE_REPLACED: (typeof CLOSES)["replaced"]["code"] = 4000;
 const CLOSE_ROOM_CLOSED: (typeof CLOSES)["roomClosed"]["code"] = 4001;
+const CLOSE_MOVED: (typeof CLOSES)["moved"]["code"] = 4005;
+/**
+ * A room still `moving` this long after its refused sends were counted may have stayed where it
+ * was (no peer took it): they are sent again (if it is still moving, they come back as `moving`).
+ * A hand-off takes milliseconds on a region's private network; one second costs little either way.
+ */
+const MOVING_RETRY_MS = 1000;
 /** What `closed` reports after `leave()` (the relay sends `left`, the client closes normally). */
 const CLOSE_LEFT = 1000;
 
@@ -339,6 +349,15 @@ export class Room extends EventTarget {
   #pingTimer: ReturnType<typeof setInterval> | undefined;
   #pongTimer: ReturnType<typeof setTimeout> | undefined;
   #leaveDone: (() => void) | null = null;
+  /** Room frames sent on this socket, newest last (bounded by queueMaxMessages): `moving` refuses a tail of them. */
+  #sentLog: Queued[] = [];
+  /** `moving` errors on this socket not yet matched to the frames they refused. */
+  #refused = 0;
+  /** The room is moving: sends queue until it moved (or stayed). */
+  #held = false;
+  /** The ping after the first `moving`: once it is answered, every refusal before it has arrived. */
+  #movingBarrier: string | undefined = undefined;
+  #movingRetryTimer: ReturnType<typeof setTimeout> | undefined;
 
   /** Use createRoom / joinRoom. `storedClientId`: the one kept for this room code, if any. */
   constructor(relayUrl: string, options: CommonOptions, storedClientId?: string) {
@@ -468,6 +487,10 @@ export class Room extends EventTarget {
 
   #connect(url: string, first: ClientMessage): void {
     this.#phase = "handshake";
+    this.#sentLog = [];
+    this.#refused = 0;
+    this.#held = false;
+    this.#movingBarrier = undefined;
     let ws: WebSocket;
     try {
       ws = new WebSocket(url);
@@ -495,6 +518,7 @@ export class Room extends EventTarget {
     const ws = this.#ws;
     this.#ws = null;
     clearTimeout(this.#connectTimer);
+    clearTimeout(this.#movingRetryTimer);
     this.#stopHeartbeat();
     if (ws && ws.readyState !== WebSocket.CLOSED) {
       try {
@@ -508,7 +532,10 @@ export class Room extends EventTarget {
   #onClose(code: number, reason: string): void {
     this.#ws = null;
     clearTimeout(this.#connectTimer);
+    clearTimeout(this.#movingRetryTimer);
     this.#stopHeartbeat();
+    // The relay sent every `moving` before closing: the refused sends are known now.
+    if (this.#refused > 0) this.#requeueRefused();
     if (this.#pending) {
       this.#fail("connect_failed", `the relay closed the connection (${code}${reason ? ` ${reason}` : ""})`);
     } else if (this.#phase === "leaving") {
@@ -516,6 +543,8 @@ export class Room extends EventTarget {
       this.#end(code === CLOSE_ROOM_CLOSED ? code : CLOSE_LEFT, code === CLOSE_ROOM_CLOSED ? reason : "left");
     } else if (isTerminalClose(code)) {
       this.#end(code, reason);
+    } else if (code === CLOSE_MOVED) {
+      this.#followMove();
     } else {
       this.#connectionLost(`close ${code}${reason ? ` ${reason}` : ""}`);
     }
@@ -538,6 +567,14 @@ export class Room extends EventTarget {
     this.#addLifecycleListeners();
     this.#retryTimer = setTimeout(() => this.#rejoin(), delayMs);
     this.#emit("reconnecting", { attempt: this.#attempt, delayMs, cause });
+  }
+
+  /** 4005: the room lives on `instance` now (set by `moved`); go there at once, no backoff. */
+  #followMove(): void {
+    this.#joinedAtMs = -1;
+    this.#phase = "waiting";
+    this.#emit("reconnecting", { attempt: this.#attempt, delayMs: 0, cause: "moved" });
+    this.#rejoin();
   }
 
   #rejoin(): void {
@@ -607,12 +644,18 @@ export class Room extends EventTarget {
         this.#emit("peer_left", { index: msg.index });
         return;
       case "pong":
+        if (this.#movingBarrier !== undefined && msg.id === this.#movingBarrier) return this.#onMovingBarrier();
         return this.#onPong(msg.id, msg.t);
+      case "moved":
+        if (typeof msg.instance === "string" && msg.instance) this.instance = msg.instance;
+        return;
       case "left":
         return this.#end(CLOSE_LEFT, "left");
       case "error": {
         // The limit may have dropped our ping; this frame proves the link, so ping afresh later.
         if (msg.code === "rate_limited") this.#pingOutstanding = false;
+        // Not a failure: the send goes out again after the move.
+        if (msg.code === "moving") return this.#onMoving();
         const detail: RoomEventDetails["error"] = { code: msg.code, message: msg.message };
         if (Array.isArray(msg.missing)) detail.missing = msg.missing;
         this.#emit("error", detail);
@@ -630,7 +673,8 @@ export class Room extends EventTarget {
     if (this.#pending) return this.#fail(msg.code, msg.message);
     if (msg.code === "room_not_found") return this.#end(CLOSE_ROOM_CLOSED, "room not found");
     // e.g. room_full (our vacant slot is past the cap until someone leaves): tell and retry.
-    this.#emit("error", { code: msg.code, message: msg.message });
+    // `moving`: the room is between machines; the retry finds it where it lands.
+    if (msg.code !== "moving") this.#emit("error", { code: msg.code, message: msg.message });
     this.#connectionLost(msg.code);
   }
 
@@ -694,19 +738,65 @@ export class Room extends EventTarget {
     return false;
   }
 
+  // ----------------------------------------------------------------- moving rooms
+
+  /**
+   * The relay refused a frame because the room is being handed to another machine, and it
+   * refuses every later frame until the move ends: so the refused frames are the last ones
+   * sent. Sends now queue; a ping marks where the refusals end.
+   */
+  #onMoving(): void {
+    this.#refused += 1;
+    if (this.#held) return;
+    this.#held = true;
+    this.#movingBarrier = `moving-${nowMs()}`;
+    this.#ws?.send(JSON.stringify({ type: "ping", id: this.#movingBarrier } satisfies ClientMessage));
+  }
+
+  #onMovingBarrier(): void {
+    this.#movingBarrier = undefined;
+    this.#requeueRefused();
+    // No `moved` yet: the room may have stayed (no peer took it). Try again, in order.
+    this.#movingRetryTimer = setTimeout(() => {
+      this.#held = false;
+      this.#flushQueue();
+    }, MOVING_RETRY_MS);
+  }
+
+  /** The refused frames go back to the front of the queue, oldest first, to be sent after the move. */
+  #requeueRefused(): void {
+    const refused = this.#refused;
+    this.#refused = 0;
+    const back = this.#sentLog.slice(Math.max(0, this.#sentLog.length - refused));
+    this.#sentLog = [];
+    const atMs = nowMs();
+    this.#queue = [...back.map((q) => ({ ...q, atMs })), ...this.#queue];
+    const lost = refused - back.length;
+    if (lost > 0) {
+      this.#emit("error", { code: "queue_overflow", message: `${lost} send(s) refused during a move were past the queue bound`, dropped: lost });
+    }
+  }
+
+  /** Every room frame goes out here, and is remembered in case the relay answers it with `moving`. */
+  #transmit(ws: WebSocket, queued: Queued): void {
+    ws.send(queued.frame);
+    this.#sentLog.push(queued);
+    if (this.#sentLog.length > this.#timings.queueMaxMessages) this.#sentLog.shift();
+  }
+
   // ----------------------------------------------------------------- frames out
 
   #sendOrQueue(frame: ClientMessage): boolean {
     if (this.#phase === "closed" || this.#phase === "leaving") return false;
     const text = JSON.stringify(frame);
     const ws = this.#ws;
+    const kind = frame.type === "set_state" || frame.type === "close_room" ? frame.type : undefined;
     // While anything is queued, new sends queue behind it: order is per sender, always.
-    if (this.#phase === "connected" && ws && ws.readyState === WebSocket.OPEN && this.#queue.length === 0) {
-      ws.send(text);
+    if (this.#phase === "connected" && ws && ws.readyState === WebSocket.OPEN && this.#queue.length === 0 && !this.#held) {
+      this.#transmit(ws, { frame: text, atMs: 0, kind });
       return true;
     }
     this.#expireQueue();
-    const kind = frame.type === "set_state" || frame.type === "close_room" ? frame.type : undefined;
     if (kind === "set_state") this.#queue = this.#queue.filter((q) => q.kind !== "set_state");
     if (!kind && this.#timings.queueMaxMessages === 0) {
       this.#emit("error", { code: "queue_overflow", message: "offline queue disabled (queueMaxMessages: 0): dropped", dropped: 1 });
@@ -746,8 +836,8 @@ export class Room extends EventTarget {
     while (this.#queue.length > 0) {
       const ws = this.#ws;
       // A listener of the `error` above may have left the room: then nothing more goes out.
-      if (this.#phase !== "connected" || !ws || ws.readyState !== WebSocket.OPEN) return;
-      ws.send(this.#queue.shift()!.frame);
+      if (this.#phase !== "connected" || !ws || ws.readyState !== WebSocket.OPEN || this.#held) return;
+      this.#transmit(ws, this.#queue.shift()!);
     }
   }
 
