@@ -11,6 +11,8 @@ export interface ClusterMachine {
   region: string;
   /** A loopback address of its own, e.g. 127.0.0.2 (Linux routes all of 127/8 to lo). */
   host: string;
+  /** Added to this machine's environment only (after the cluster's). */
+  env?: Record<string, string>;
 }
 
 export interface Cluster {
@@ -20,6 +22,10 @@ export interface Cluster {
   dns: TestDns;
   proxy: FlyProxy;
   procs: Map<string, Subprocess<"ignore", "pipe", "inherit">>;
+  /** Every stdout line of each machine (JSON log lines), oldest first, across restarts. */
+  logs: Map<string, string[]>;
+  /** Starts a machine again (same id, address, port and environment) after it exited. */
+  restart(id: string): Promise<void>;
   /** Kills every relay (resuming stopped ones first), the proxy and the DNS. */
   stop(): Promise<void>;
 }
@@ -27,44 +33,56 @@ export interface Cluster {
 const ROOT = new URL("..", import.meta.url).pathname;
 const START_WAIT_MS = 8000;
 
-/** Starts one relay process; resolves with its port once it logged `start`. */
+/** Starts one relay process; resolves with its port once it logged `start`. Every stdout line goes to `logs`. */
 async function spawnRelay(
   machine: ClusterMachine,
   listenPort: number,
   env: Record<string, string>,
   procs: Cluster["procs"],
+  logs: Cluster["logs"],
 ): Promise<number> {
   const proc = Bun.spawn([process.execPath, "run", "server.ts"], {
     cwd: ROOT,
     stdin: "ignore",
     stdout: "pipe",
     stderr: "inherit",
-    env: { PATH: process.env.PATH ?? "", LOG_LEVEL: "info", ...env, PORT: String(listenPort), HOST: machine.host, INSTANCE_ID: machine.id, REGION: machine.region },
+    env: { PATH: process.env.PATH ?? "", LOG_LEVEL: "info", ...env, ...machine.env, PORT: String(listenPort), HOST: machine.host, INSTANCE_ID: machine.id, REGION: machine.region },
   });
   procs.set(machine.id, proc);
-  const reader = proc.stdout.getReader();
-  const decoder = new TextDecoder();
-  let buffered = "";
-  const timer = setTimeout(() => proc.kill(), START_WAIT_MS);
-  try {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) throw new Error(`relay ${machine.id} exited (or took over ${START_WAIT_MS} ms) before logging "start"`);
-      buffered += decoder.decode(value, { stream: true });
+  const logged = logs.get(machine.id) ?? [];
+  logs.set(machine.id, logged);
+  const { promise: port, resolve: started } = Promise.withResolvers<number>();
+  // Reads stdout to the end (so the relay never blocks on a full pipe), noting the `start` line's port.
+  const reading = (async () => {
+    const decoder = new TextDecoder();
+    let buffered = "";
+    const reader = proc.stdout.getReader();
+    for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read()) {
+      buffered += decoder.decode(chunk.value, { stream: true });
       const lines = buffered.split("\n");
       buffered = lines.pop()!;
       for (const line of lines) {
+        logged.push(line);
         const entry = JSON.parse(line) as { event: string; port?: number };
-        if (entry.event !== "start") continue;
-        // Keep draining stdout so the relay never blocks on a full pipe.
-        void (async () => {
-          while (!(await reader.read()).done);
-        })();
-        return entry.port!;
+        if (entry.event === "start") started(entry.port!);
       }
     }
+  })();
+  let timer: Timer | undefined;
+  const gaveUp = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      proc.kill();
+      reject(new Error(`relay ${machine.id} took over ${START_WAIT_MS} ms to log "start"`));
+    }, START_WAIT_MS);
+  });
+  const exited = reading.then(() => {
+    throw new Error(`relay ${machine.id} exited before logging "start"`);
+  });
+  try {
+    return await Promise.race([port, gaveUp, exited]);
   } finally {
     clearTimeout(timer);
+    exited.catch(() => {});
   }
 }
 
@@ -81,6 +99,7 @@ export async function startCluster(options: {
   const dns = await startTestDns({ ttlSeconds: 1 });
   dns.setMachines(options.app, options.machines.map((m) => ({ ...m, addresses: [m.host] })));
   const procs: Cluster["procs"] = new Map();
+  const logs: Cluster["logs"] = new Map();
   const env = { ...options.env, FLY_APP_NAME: options.app, DNS_SERVER: dns.server };
   let proxy: FlyProxy | undefined;
   const stop = async () => {
@@ -94,14 +113,17 @@ export async function startCluster(options: {
   };
   try {
     const [first, ...rest] = options.machines;
-    const port = await spawnRelay(first!, 0, env, procs);
-    await Promise.all(rest.map((m) => spawnRelay(m, port, env, procs)));
+    const port = await spawnRelay(first!, 0, env, procs, logs);
+    await Promise.all(rest.map((m) => spawnRelay(m, port, env, procs, logs)));
     proxy = await startFlyProxy({
       machines: options.machines.map((m) => ({ ...m, port })),
       edgeRegion: options.edgeRegion,
       connectTimeoutMs: 2000,
     });
-    return { app: options.app, port, dns, proxy, procs, stop };
+    const restart = async (id: string) => {
+      await spawnRelay(options.machines.find((m) => m.id === id)!, port, env, procs, logs);
+    };
+    return { app: options.app, port, dns, proxy, procs, logs, restart, stop };
   } catch (err) {
     await stop();
     throw err;
