@@ -509,6 +509,142 @@ describe("close_room, leave, host grace", () => {
   });
 });
 
+describe("kick", () => {
+  test("a kicked member gets 4004 kicked, the others peer_left, the host no extra frame", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    const b = await joinRoom(r, code);
+    await host.next("peer_joined");
+    await host.next("peer_joined");
+    await a.client.next("peer_joined");
+    host.send({ type: "kick", index: 1 });
+    expect(await a.client.closeCode()).toEqual({ code: 4004, reason: "kicked" });
+    expect(await host.next("peer_left")).toEqual({ type: "peer_left", index: 1 });
+    expect(await b.client.next("peer_left")).toEqual({ type: "peer_left", index: 1 });
+    await host.barrier();
+    expect(host.frames).toEqual([]);
+    expect(CLOSES.kicked).toEqual({ code: 4004, reason: "kicked" });
+  });
+
+  test("a kicked clientId cannot join again, with or without resume: kicked, and nothing changes", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "troll");
+    await host.next("peer_joined");
+    host.send({ type: "send", data: "for the troll", to: 1 });
+    await a.client.next("message");
+    host.send({ type: "kick", index: 1 });
+    await a.client.closeCode();
+    await host.next("peer_left");
+    for (const resume of [undefined, 0]) {
+      const again = await TestClient.connect(r.wsUrl);
+      again.send({ type: "join", clientId: "troll", room: code, resume });
+      expect(await again.error("kicked")).toEqual({ type: "error", code: "kicked", message: "Removed by the host" });
+      await again.barrier();
+      expect(again.frames).toEqual([]); // no joined, no replayed message, no state
+    }
+    await host.barrier();
+    expect(host.pending("peer_joined")).toEqual([]);
+    expect(ERRORS.kicked).toBe("Removed by the host");
+  });
+
+  test("a kicked slot frees its maxClients place at once; a new clientId takes a new slot", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r, "host", 2);
+    await joinRoom(r, code);
+    const full = await TestClient.connect(r.wsUrl);
+    full.send({ type: "join", clientId: "newcomer", room: code });
+    await full.error("room_full");
+    host.send({ type: "kick", index: 1 });
+    await host.next("peer_left");
+    full.send({ type: "join", clientId: "newcomer", room: code });
+    expect((await full.next("joined")).index).toBe(2);
+  });
+
+  test("kicking a vacant slot bars its clientId too, and tells nobody", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "dropped");
+    await host.next("peer_joined");
+    a.client.close();
+    await host.next("peer_left");
+    host.send({ type: "kick", index: 1 });
+    await host.barrier();
+    expect(host.frames).toEqual([]);
+    const again = await TestClient.connect(r.wsUrl);
+    again.send({ type: "join", clientId: "dropped", room: code });
+    await again.error("kicked");
+  });
+
+  test("kicking a slot that left bars its clientId from coming back as a new slot", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "leaver");
+    a.client.send({ type: "leave" });
+    await a.client.next("left");
+    await host.next("peer_left");
+    host.send({ type: "kick", index: 1 });
+    await host.barrier();
+    a.client.send({ type: "join", clientId: "leaver", room: code });
+    await a.client.error("kicked");
+  });
+
+  test("kicking an already kicked slot is a no-op without error", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    await host.next("peer_joined");
+    host.send({ type: "kick", index: 1 });
+    await a.client.closeCode();
+    await host.next("peer_left");
+    host.send({ type: "kick", index: 1 });
+    await host.barrier();
+    expect(host.frames).toEqual([]);
+  });
+
+  test("the host's own slot, a slot that never existed, a malformed index: target_not_found", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    for (const index of [0, 2, 1e9, -1, 1.5, "1", null, [1], undefined]) {
+      host.send({ type: "kick", index });
+      await host.error("target_not_found");
+    }
+    host.send({ type: "send", data: "still here" });
+    expect((await a.client.next("message")).data).toBe("still here");
+  });
+
+  test("only the host can kick; outside a room it is not_in_room", async () => {
+    const r = relay();
+    const { code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    const b = await joinRoom(r, code);
+    a.client.send({ type: "kick", index: 2 });
+    expect(await a.client.error("not_host")).toMatchObject({ message: "Only the host can kick" });
+    a.client.send({ type: "kick", index: 0 });
+    await a.client.error("not_host");
+    await b.client.barrier();
+    expect(b.client.pending("peer_left")).toEqual([]);
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "kick", index: 1 });
+    await c.error("not_in_room");
+  });
+
+  test("a kick is logged with the room and slot, and counted as a 4004 close; no clientId anywhere", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r, "host-secret-id");
+    const a = await joinRoom(r, code, "guest-secret-id");
+    host.send({ type: "kick", index: 1 });
+    await a.client.closeCode();
+    const kick = r.logs.map((l) => JSON.parse(l)).find((l) => l.event === "member_kicked");
+    expect(kick).toMatchObject({ room: code, index: 1 });
+    const metrics = await (await fetch(`${r.url}/metrics`)).text();
+    expect(metrics).toMatch(/party_sockets_closes_total\{[^}]*code="4004"\} 1/);
+    expect(r.logs.join("\n") + metrics).not.toContain("secret-id");
+  });
+});
+
 describe("ping", () => {
   test("pong echoes id and carries the server clock", async () => {
     const r = relay();

@@ -22,6 +22,7 @@ import {
   type CreateMessage,
   type ErrorCode,
   type JoinMessage,
+  type KickMessage,
   type PingMessage,
   type SendMessage,
 } from "./protocol.ts";
@@ -198,6 +199,7 @@ type Valid =
   | { type: "set_state"; stateJson: string }
   | { type: "close_room" }
   | { type: "leave" }
+  | KickMessage
   | PingMessage;
 
 const URL_MAX_BYTES = 512;
@@ -328,6 +330,9 @@ function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
       if (utf8Bytes(stateJson) > limits.maxStateBytes) return rejection("state_too_large");
       return { type: "set_state", stateJson };
     }
+    case "kick":
+      if (!isSlot(msg.index)) return rejection("target_not_found", "index must be a slot index");
+      return { type: "kick", index: msg.index };
     case "ping":
       return { type: "ping", id: msg.id };
     case "close_room":
@@ -368,6 +373,8 @@ interface Member {
   sinceSeq: number;
   /** Send-batch stamp, to deliver a `to: [...]` message once per slot without allocating. */
   stamp: number;
+  /** Removed by the host: the slot's clientId can never join this room again. */
+  kicked: boolean;
 }
 
 interface Room {
@@ -1189,6 +1196,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       ws: null,
       sinceSeq: room.seq,
       stamp: 0,
+      kicked: false,
     };
     room.slots.push(member);
     room.byClientId.set(clientId, member);
@@ -1282,6 +1290,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     const room = rooms.get(msg.room);
     if (!room) return sendError(ws, "room_not_found");
     const owned = room.byClientId.get(msg.clientId);
+    if (owned?.kicked) return sendError(ws, "kicked");
     if (owned?.ws) return replace(ws, room, owned, msg.resume);
     if (room.present >= room.maxClients) return sendError(ws, "room_full");
     if (!owned && room.slots.length >= maxSlotsPerRoom) return sendError(ws, "room_full", "Room has no slots left");
@@ -1454,6 +1463,25 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     deliver(ws, JSON.stringify({ type: "left", room: room.code }));
   }
 
+  /**
+   * Host only: the member in slot `index` is closed with 4004 (the others get
+   * `peer_left`), and the slot's clientId is barred for the room's life, even
+   * when the slot is vacant or was left (then its clientId is barred again,
+   * unless it has since taken another slot, which the host can kick too).
+   */
+  function handleKick(ws: Socket, index: number): void {
+    const { room, member } = ws.data;
+    if (!room || !member) return sendError(ws, "not_in_room");
+    if (member.index !== 0) return sendError(ws, "not_host", "Only the host can kick");
+    const target = room.slots[index];
+    if (!target || target === member) return sendError(ws, "target_not_found");
+    if (target.kicked) return;
+    target.kicked = true;
+    if (!room.byClientId.has(target.clientId)) room.byClientId.set(target.clientId, target);
+    log.info("member_kicked", { room: room.code, index });
+    if (target.ws) evict(target.ws, "kicked");
+  }
+
   function handlePing(ws: Socket, msg: PingMessage): void {
     deliver(ws, JSON.stringify({ type: "pong", id: msg.id, t: Date.now() }));
   }
@@ -1472,6 +1500,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
         return handleCloseRoom(ws);
       case "leave":
         return handleLeave(ws);
+      case "kick":
+        return handleKick(ws, msg.index);
       case "ping":
         return handlePing(ws, msg);
     }
