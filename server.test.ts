@@ -4,7 +4,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { CLOSES, ERRORS } from "./protocol.ts";
 import { optionsFromEnv, DEFAULTS, type RelayOptions } from "./server.ts";
-import { createRoom, joinRoom, RawClient, TestClient, testRelay, within } from "./test/helpers.ts";
+import { createRoom, joinRoom, RawClient, TestClient, testRelay, upgradeStatus, within } from "./test/helpers.ts";
 
 const BASE58_CODE = /^[1-9A-HJ-NP-Za-km-z]{6}$/;
 
@@ -645,6 +645,90 @@ describe("kick", () => {
   });
 });
 
+describe("origin allow-list (ALLOWED_ORIGINS)", () => {
+  const origin = (value: string) => ({ Origin: value });
+
+  test("empty by default: every page, `null` and no Origin at all are admitted, as before", async () => {
+    const r = relay();
+    for (const headers of [origin("https://anything.example"), origin("null"), {}]) expect(await upgradeStatus(r.port, headers)).toBe(101);
+    const metrics = await (await fetch(`${r.url}/metrics`)).text();
+    expect(metrics).toMatch(/party_sockets_origin_refusals_total\{[^}]*reason="not_listed"\} 0/);
+  });
+
+  test("exact origins: listed ones are admitted; other sites, schemes and ports get 403 before any upgrade", async () => {
+    const r = relay({ allowedOrigins: ["https://game.example", "http://localhost:5173"] });
+    expect(await upgradeStatus(r.port, origin("https://game.example"))).toBe(101);
+    expect(await upgradeStatus(r.port, origin("http://localhost:5173"))).toBe(101);
+    for (const refused of ["https://other.example", "http://game.example", "https://game.example:8443", "https://a.game.example", "http://localhost:3000"]) {
+      expect(await upgradeStatus(r.port, origin(refused))).toBe(403);
+    }
+    const res = await fetch(r.url, { headers: { Upgrade: "websocket", Connection: "Upgrade", Origin: "https://other.example" } });
+    expect(res.status).toBe(403);
+    expect(await res.text()).toBe("Origin not allowed\n");
+    expect(res.headers.get("access-control-allow-origin")).toBe("*");
+    // A refused page never had a socket: only the two admitted upgrades were ever opened.
+    const metrics = await (await fetch(`${r.url}/metrics`)).text();
+    const opened = [...metrics.matchAll(/^party_sockets_connections_total\{[^}]*\} (\d+)$/gm)].reduce((sum, m) => sum + Number(m[1]), 0);
+    expect(opened).toBe(2);
+    expect(metrics).toMatch(/party_sockets_origin_refusals_total\{[^}]*reason="not_listed"\} 6/);
+  });
+
+  test("a wildcard admits subdomains of any depth, with the same scheme and port, and nothing else", async () => {
+    const r = relay({ allowedOrigins: ["https://*.game.example"] });
+    for (const admitted of ["https://a.game.example", "https://a-b.c.game.example"]) expect(await upgradeStatus(r.port, origin(admitted))).toBe(101);
+    const refused = [
+      "https://game.example",
+      "https://evilgame.example",
+      "https://a.game.example.evil.example",
+      "http://a.game.example",
+      "https://a.game.example:444",
+      "https://.game.example",
+      "https://a@b.game.example",
+    ];
+    for (const o of refused) expect(await upgradeStatus(r.port, origin(o))).toBe(403);
+  });
+
+  test("case and a trailing slash do not matter, in the list or in the header", async () => {
+    const r = relay({ allowedOrigins: ["https://Game.Example/", "https://*.Party.Example"] });
+    for (const o of ["https://game.example", "HTTPS://GAME.EXAMPLE", "https://game.example/", "https://TV.party.example"]) {
+      expect(await upgradeStatus(r.port, origin(o))).toBe(101);
+    }
+  });
+
+  test("`null` (sandboxed frames, file: pages) is refused once a list is set, and cannot be listed", async () => {
+    const r = relay({ allowedOrigins: ["https://game.example"] });
+    expect(await upgradeStatus(r.port, origin("null"))).toBe(403);
+    expect(() => testRelay({ allowedOrigins: ["null"] })).toThrow("ALLOWED_ORIGINS");
+  });
+
+  test("no Origin header (native apps, scripts) is admitted unless ALLOWED_ORIGINS_REQUIRE", async () => {
+    const open = relay({ allowedOrigins: ["https://game.example"] });
+    expect(await upgradeStatus(open.port)).toBe(101);
+    const strict = relay({ allowedOrigins: ["https://game.example"], allowedOriginsRequire: true });
+    expect(await upgradeStatus(strict.port)).toBe(403);
+    expect(await upgradeStatus(strict.port, origin("https://game.example"))).toBe(101);
+    const metrics = await (await fetch(`${strict.url}/metrics`)).text();
+    expect(metrics).toMatch(/party_sockets_origin_refusals_total\{[^}]*reason="missing"\} 1/);
+  });
+
+  test("a refusal is logged with the origin only, at most once per second; HTTP routes are not affected", async () => {
+    const r = relay({ allowedOrigins: ["https://game.example"] });
+    for (let i = 0; i < 5; i++) expect(await upgradeStatus(r.port, origin("https://intruder.example"))).toBe(403);
+    const lines = r.logs.map((l) => JSON.parse(l)).filter((l) => l.event === "origin_refused");
+    expect(lines.length).toBe(1);
+    const { t: _t, ...fields } = lines[0];
+    expect(fields).toEqual({ level: "warn", event: "origin_refused", origin: "https://intruder.example", reason: "not_listed" });
+    const health = await fetch(`${r.url}/health`, { headers: { Origin: "https://intruder.example" } });
+    expect(health.status).toBe(200);
+  });
+
+  test("entries that are not origins stop the relay from starting, with the variable's name", () => {
+    for (const bad of ["game.example", "https://game.example/play", "https://*game.example", "ftp://*.game.example", "https://game.example?x"]) {
+      expect(() => testRelay({ allowedOrigins: [bad] })).toThrow("ALLOWED_ORIGINS");
+    }
+  });
+});
+
 describe("ping", () => {
   test("pong echoes id and carries the server clock", async () => {
     const r = relay();
@@ -968,6 +1052,12 @@ describe("options", () => {
     expect(() => optionsFromEnv({ PORT: "abc" })).toThrow("PORT");
     expect(() => optionsFromEnv({ LOG_LEVEL: "loud" })).toThrow("LOG_LEVEL");
     expect(() => optionsFromEnv({ TLS_CERT_FILE: "a" })).toThrow("TLS");
+    expect(optionsFromEnv({ ALLOWED_ORIGINS: " https://a.example, https://*.b.example ,", ALLOWED_ORIGINS_REQUIRE: "true" })).toEqual({
+      allowedOrigins: ["https://a.example", "https://*.b.example"],
+      allowedOriginsRequire: true,
+    });
+    expect(optionsFromEnv({ ALLOWED_ORIGINS: "", ALLOWED_ORIGINS_REQUIRE: "false" })).toEqual({ allowedOriginsRequire: false });
+    expect(() => optionsFromEnv({ ALLOWED_ORIGINS_REQUIRE: "yes" })).toThrow("ALLOWED_ORIGINS_REQUIRE");
     expect(DEFAULTS.hostGraceMs).toBe(120_000);
     expect(CLOSES.replaced.code).toBe(4000);
   });

@@ -74,6 +74,13 @@ export interface RelayOptions extends RoutingOptions {
   resumeRoomFrames: number;
   resumeRoomBytes: number;
   resumeTotalBytes: number;
+  /**
+   * Pages allowed to open a WebSocket: exact origins (`https://game.example`) and host
+   * wildcards (`https://*.game.example`). Empty admits every page.
+   */
+  allowedOrigins: readonly string[];
+  /** Refuse upgrades without an `Origin` header (native apps, scripts) too. */
+  allowedOriginsRequire: boolean;
   tls?: { certFile: string; keyFile: string };
 }
 
@@ -105,6 +112,8 @@ export const DEFAULTS: Readonly<RelayOptions> = Object.freeze({
   resumeRoomFrames: 4096,
   resumeRoomBytes: 512 * 1024,
   resumeTotalBytes: 32 * 1024 * 1024,
+  allowedOrigins: [],
+  allowedOriginsRequire: false,
   ...routingDefaults(),
 });
 
@@ -166,6 +175,13 @@ export function optionsFromEnv(env: Record<string, string | undefined> = process
   if (logLevel) {
     if (!LOG_LEVELS.includes(logLevel as LogLevel)) throw new Error(`LOG_LEVEL must be one of ${LOG_LEVELS.join(", ")}`);
     options.logLevel = logLevel as LogLevel;
+  }
+  const allowedOrigins = text("ALLOWED_ORIGINS");
+  if (allowedOrigins) options.allowedOrigins = allowedOrigins.split(",").map((o) => o.trim()).filter((o) => o !== "");
+  const requireOrigin = text("ALLOWED_ORIGINS_REQUIRE");
+  if (requireOrigin) {
+    if (requireOrigin !== "true" && requireOrigin !== "false") throw new Error("ALLOWED_ORIGINS_REQUIRE must be true or false");
+    options.allowedOriginsRequire = requireOrigin === "true";
   }
   const certFile = text("TLS_CERT_FILE");
   const keyFile = text("TLS_KEY_FILE");
@@ -341,6 +357,47 @@ function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
     default:
       return rejection("unknown_type");
   }
+}
+
+// ============================================================ origin allow-list
+
+/** Browsers send origins in lower case without a path; operators may type either. */
+const canonicalOrigin = (origin: string): string => origin.trim().toLowerCase().replace(/\/$/, "");
+const WILDCARD_ORIGIN = /^(https?:\/\/)\*(\..+)$/;
+/** A refused page may retry in a loop: one log line per second at most (the metric counts them all). */
+const ORIGIN_REFUSED_LOG_EVERY_MS = 1000;
+/** What may stand for the `*` of a wildcard: one or more DNS labels, nothing else. */
+const WILDCARD_LABELS = /^[a-z0-9-]+(\.[a-z0-9-]+)*$/;
+
+/**
+ * `ALLOWED_ORIGINS` as a predicate over an `Origin` header. A wildcard matches
+ * subdomains only (`https://*.game.example` admits `https://a.game.example`,
+ * not `https://game.example`), with the same scheme and port. `null` (sandboxed
+ * frames, `file:` pages) cannot be listed: it names no site.
+ */
+function originAllowList(entries: readonly string[]): (origin: string) => boolean {
+  const exact = new Set<string>();
+  const wildcards: { scheme: string; suffix: string }[] = [];
+  for (const entry of entries.map(canonicalOrigin)) {
+    const wildcard = WILDCARD_ORIGIN.exec(entry);
+    const sample = wildcard ? `${wildcard[1]}x${wildcard[2]}` : entry;
+    // A `*` anywhere but a wildcard's first label would be taken literally (URLs allow it in a host).
+    if (sample.includes("*") || !URL.canParse(sample) || new URL(sample).origin !== sample) {
+      throw new Error(`ALLOWED_ORIGINS: "${entry}" is not an origin like https://game.example or https://*.game.example`);
+    }
+    if (wildcard) wildcards.push({ scheme: wildcard[1]!, suffix: wildcard[2]! });
+    else exact.add(entry);
+  }
+  return (header) => {
+    const origin = canonicalOrigin(header);
+    if (exact.has(origin)) return true;
+    return wildcards.some(
+      ({ scheme, suffix }) =>
+        origin.startsWith(scheme) &&
+        origin.endsWith(suffix) &&
+        WILDCARD_LABELS.test(origin.slice(scheme.length, origin.length - suffix.length)),
+    );
+  };
 }
 
 // ============================================================= rooms: model
@@ -697,6 +754,9 @@ function makeLogger(level: LogLevel, sink: (line: string) => void): Logger {
 
 // ==================================================================== metrics
 
+/** Why an upgrade was refused by `ALLOWED_ORIGINS`: an `Origin` not on it, or none with `ALLOWED_ORIGINS_REQUIRE`. */
+type OriginRefusal = "not_listed" | "missing";
+
 interface OriginTotals {
   connections: number;
   rooms: number;
@@ -712,6 +772,7 @@ function makeCounters() {
     rateLimitedFrames: 0,
     framesReplayed: 0,
     resumes: new Map<"resumed" | "too_old", number>(),
+    originRefusals: new Map<OriginRefusal, number>([["not_listed", 0], ["missing", 0]]),
     errors: new Map<ErrorCode, number>(),
     closes: new Map<number, number>(),
     /** Since-boot totals per origin, capped: later origins count under `__other__`. */
@@ -1646,12 +1707,33 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     "/client.js": serveClient,
   };
 
+  const originAllowed = options.allowedOrigins.length > 0 ? originAllowList(options.allowedOrigins) : () => true;
+  let originRefusalLoggedAtMs = 0;
+
+  /** `ALLOWED_ORIGINS`: an HTTP 403 before the upgrade, so a refused page never gets a socket. */
+  function refuseOrigin(req: Request): Response | undefined {
+    const origin = req.headers.get("origin");
+    const refusal: OriginRefusal | undefined = origin
+      ? originAllowed(origin) ? undefined : "not_listed"
+      : options.allowedOriginsRequire ? "missing" : undefined;
+    if (!refusal) return undefined;
+    bump(counters.originRefusals, refusal);
+    const nowMs = Date.now();
+    if (nowMs - originRefusalLoggedAtMs >= ORIGIN_REFUSED_LOG_EVERY_MS) {
+      originRefusalLoggedAtMs = nowMs;
+      log.warn("origin_refused", { origin: (origin ?? "").slice(0, 200), reason: refusal });
+    }
+    return text("Origin not allowed\n", "text/plain", 403);
+  }
+
   /** Fly's proxy is the socket's peer there, so its header names the client; anywhere else it could be forged. */
   function flyClientIp(req: Request): string {
     return (options.flyAppName && req.headers.get("fly-client-ip")) || "";
   }
 
   function upgrade(req: Request, srv: Server<Conn>): Response | undefined {
+    const refused = refuseOrigin(req);
+    if (refused) return refused;
     const nowMs = Date.now();
     const origin = (req.headers.get("origin") || "unknown").slice(0, 200);
     const conn: Conn = {
@@ -1742,6 +1824,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       [`,result="resumed"`, counters.resumes.get("resumed") ?? 0],
       [`,result="too_old"`, counters.resumes.get("too_old") ?? 0],
     ]);
+    family("party_sockets_origin_refusals_total", "counter", "WebSocket upgrades refused by ALLOWED_ORIGINS, by reason", byLabel("reason", counters.originRefusals));
     family("party_sockets_frames_replayed_total", "counter", "Frames replayed to resuming members", one(counters.framesReplayed));
     family("party_sockets_resume_buffer_bytes", "gauge", "UTF-8 bytes of relayed frames kept for resume", one(ringTotalBytes));
     family("process_resident_memory_bytes", "gauge", "Resident set size", one(memory.rss));
