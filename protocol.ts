@@ -132,6 +132,8 @@ export interface ErrorMessage {
   message: string;
   /** With `target_not_found` on `to: [...]`: the slots that were not present. */
   missing?: number[];
+  /** With `rate_limited` on a `join` refused by the miss budget: when this IP may ask again. */
+  retryAfterMs?: number;
 }
 
 // --------------------------------------------------------------------- errors

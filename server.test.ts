@@ -1,10 +1,10 @@
 // In-process relays built by the factory, real sockets, one describe per area
 // of SPEC.md. Test names state the rule they prove.
 
-import { afterEach, describe, expect, test } from "bun:test";
+import { afterEach, describe, expect, setSystemTime, test } from "bun:test";
 import { CLOSES, ERRORS } from "./protocol.ts";
 import { optionsFromEnv, DEFAULTS, type RelayOptions } from "./server.ts";
-import { createRoom, joinRoom, RawClient, TestClient, testRelay, upgradeStatus, within } from "./test/helpers.ts";
+import { createRoom, joinRoom, RawClient, TestClient, testRelay, upgradeStatus, within, type Frame } from "./test/helpers.ts";
 
 const BASE58_CODE = /^[1-9A-HJ-NP-Za-km-z]{6}$/;
 
@@ -729,6 +729,174 @@ describe("origin allow-list (ALLOWED_ORIGINS)", () => {
   });
 });
 
+describe("code guessing (per-IP miss budget)", () => {
+  /** Frames from one socket, sent at once, then every answer awaited. */
+  async function joinMany(c: TestClient, codes: string[]): Promise<Frame[]> {
+    for (const room of codes) c.send({ type: "join", clientId: "guesser", room });
+    const answers: Frame[] = [];
+    for (let i = 0; i < codes.length; i++) answers.push(await c.next("error"));
+    return answers;
+  }
+  const randomCodes = (n: number) => Array.from({ length: n }, () => crypto.randomUUID().slice(0, 6));
+  const count = (xs: (string | number)[]) => Object.fromEntries([...new Set(xs)].map((x) => [x, xs.filter((y) => y === x).length]));
+  async function lookupMany(base: string, codes: string[], headers: Record<string, string> = {}): Promise<Response[]> {
+    const answers: Response[] = [];
+    for (let at = 0; at < codes.length; at += 50) {
+      answers.push(...(await Promise.all(codes.slice(at, at + 50).map((code) => fetch(`${base}/room/${code}`, { headers })))));
+    }
+    return answers;
+  }
+  const metric = async (r: { url: string }, name: string, label: string) => {
+    const line = (await (await fetch(`${r.url}/metrics`)).text()).split("\n").find((l) => l.startsWith(name + "{") && l.includes(label));
+    return Number(line?.split(" ").at(-1));
+  };
+
+  test("the defaults: 20 misses in a burst, then one per 3 s", () => {
+    expect([DEFAULTS.missBurstMisses, DEFAULTS.missRefillMs]).toEqual([20, 3000]);
+  });
+
+  test("1000 joins and 1000 lookups of random codes from one IP: past the burst every miss is refused", async () => {
+    // No refill within the test, so the counts are exact; the per-frame rate limit off to send 1000 joins at once.
+    const r = relay({ hostname: DEFAULTS.hostname, missRefillMs: 3_600_000, rateLimitPerSec: 0 });
+    const guesser = await TestClient.connect(`ws://127.0.0.1:${r.port}`);
+    const joins = await joinMany(guesser, randomCodes(1000));
+    expect(count(joins.map((f) => f.code))).toEqual({ room_not_found: 20, rate_limited: 980 });
+    expect(joins.find((f) => f.code === "rate_limited")).toMatchObject({ message: "Too many unknown room codes; retry later" });
+    expect(joins.find((f) => f.code === "rate_limited")!.retryAfterMs).toBeGreaterThan(0);
+    // One budget per IP: the joins spent it, the lookups get 429 with Retry-After.
+    const lookups = await lookupMany(`http://127.0.0.1:${r.port}`, randomCodes(1000));
+    expect(count(lookups.map((res) => res.status))).toEqual({ 429: 1000 });
+    expect(Number(lookups[0]!.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+    expect(await lookups[0]!.json()).toEqual({ error: "Too many unknown room codes" });
+    expect(lookups[0]!.headers.get("access-control-allow-origin")).toBe("*");
+    expect(await metric(r, "party_sockets_lookups_refused_total", 'via="join"')).toBe(980);
+    expect(await metric(r, "party_sockets_lookups_refused_total", 'via="http"')).toBe(1000);
+
+    // Another IP (IPv6 loopback) has its own budget.
+    const other = await TestClient.connect(`ws://[::1]:${r.port}`);
+    expect(count((await joinMany(other, randomCodes(30))).map((f) => f.code))).toEqual({ room_not_found: 20, rate_limited: 10 });
+    expect((await fetch(`http://[::1]:${r.port}/room/zzzzzz`)).status).toBe(429);
+  });
+
+  test("with the budget spent a live code gets the same refusal as a miss; a reclaim of one's own slot is never refused", async () => {
+    const r = relay({ missBurstMisses: 3, missRefillMs: 3_600_000, rateLimitPerSec: 0 });
+    const { host, code } = await createRoom(r);
+    const player = await joinRoom(r, code, "player");
+    await host.next("peer_joined");
+    const guesser = await TestClient.connect(r.wsUrl);
+    await joinMany(guesser, randomCodes(3));
+    // Spent: a live room and a dead code now get one and the same answer.
+    guesser.send({ type: "join", clientId: "guesser", room: code });
+    expect(await guesser.error("rate_limited")).toMatchObject({ message: "Too many unknown room codes; retry later" });
+    expect((await fetch(`${r.url}/room/${code}`)).status).toBe(429);
+    // The player's phone drops and comes back from the same IP: its rejoin is a reclaim, never asked.
+    player.client.close();
+    await host.next("peer_left");
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "player", room: code, resume: 0 });
+    expect(await back.next("joined")).toMatchObject({ index: 1, resumed: true });
+    // Creating rooms is no lookup.
+    const another = await TestClient.connect(r.wsUrl);
+    another.send({ type: "create", clientId: "new-host", maxClients: 2 });
+    await another.next("created");
+  });
+
+  test("hits never take a token: once one is back, a join to a live room succeeds and the next miss is still answered", async () => {
+    // The clock jumps below: the heartbeat must not take that for silence.
+    const r = relay({ missBurstMisses: 2, missRefillMs: 1000, rateLimitPerSec: 0, heartbeatIntervalMs: 600_000, heartbeatTimeoutMs: 600_000 });
+    const { code } = await createRoom(r);
+    const c = await TestClient.connect(r.wsUrl);
+    try {
+      await joinMany(c, randomCodes(2));
+      c.send({ type: "join", clientId: "late-player", room: code });
+      await c.error("rate_limited");
+      setSystemTime(new Date(Date.now() + 1000));
+      for (let i = 0; i < 3; i++) {
+        const hit = await fetch(`${r.url}/room/${code}`);
+        expect(hit.status).toBe(200);
+      }
+      c.send({ type: "join", clientId: "late-player", room: code });
+      expect((await c.next("joined")).index).toBe(1);
+      const d = await TestClient.connect(r.wsUrl);
+      expect((await joinMany(d, randomCodes(2))).map((f) => f.code)).toEqual(["room_not_found", "rate_limited"]);
+    } finally {
+      setSystemTime();
+    }
+  });
+
+  test("a flood from 100 000 addresses keeps the per-IP state bounded; past the cap new addresses share one budget", async () => {
+    const r = relay({ flyAppName: "guess-test", missRefillMs: 3_600_000, logLevel: "warn" });
+    const ipOf = (i: number) => `10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`;
+    Bun.gc(true);
+    const heapBefore = process.memoryUsage().heapUsed;
+    let next = 0;
+    const statuses: number[] = [];
+    await Promise.all(
+      Array.from({ length: 64 }, async () => {
+        for (let i = next++; i < 100_000; i = next++) {
+          const res = await fetch(`${r.url}/room/nope`, { headers: { "Fly-Client-IP": ipOf(i) } });
+          await res.arrayBuffer();
+          statuses.push(res.status);
+        }
+      }),
+    );
+    // 10 000 addresses tracked (one miss each), then one shared bucket of 20 for all the rest.
+    expect(count(statuses)).toEqual({ 404: 10_000 + 20, 429: 100_000 - 10_020 });
+    expect(await metric(r, "party_sockets_miss_budget_ips", "")).toBe(10_000);
+    Bun.gc(true);
+    expect((process.memoryUsage().heapUsed - heapBefore) / 2 ** 20).toBeLessThan(32);
+    // An address seen before keeps its own budget.
+    expect((await fetch(`${r.url}/room/nope`, { headers: { "Fly-Client-IP": ipOf(0) } })).status).toBe(404);
+  }, 60_000);
+
+  test("buckets that are full again are forgotten by the sweep", async () => {
+    const r = relay({ missRefillMs: 1000, heartbeatIntervalMs: 20, heartbeatTimeoutMs: 600_000 });
+    await lookupMany(r.url, randomCodes(5));
+    expect(await metric(r, "party_sockets_miss_budget_ips", "")).toBe(1);
+    try {
+      setSystemTime(new Date(Date.now() + 20 * 1000));
+      await within(
+        (async () => {
+          while ((await metric(r, "party_sockets_miss_budget_ips", "")) !== 0) await new Promise((resolve) => setImmediate(resolve));
+        })(),
+        "the sweep to forget a refilled bucket",
+      );
+    } finally {
+      setSystemTime();
+    }
+  });
+
+  test("a peer's probe (no Fly-Client-IP) is never charged; a request through the proxy that claims to be one is", async () => {
+    const r = relay({ flyAppName: "guess-test", missBurstMisses: 1, missRefillMs: 3_600_000 });
+    const probe = { "x-party-sockets-probe": "peer-1" };
+    for (let i = 0; i < 5; i++) expect((await fetch(`${r.url}/room/nope`, { headers: probe })).status).toBe(404);
+    const forged = { ...probe, "Fly-Client-IP": "203.0.113.9" };
+    expect((await fetch(`${r.url}/room/nope`, { headers: forged })).status).toBe(404);
+    expect((await fetch(`${r.url}/room/nope`, { headers: forged })).status).toBe(429);
+  });
+
+  test("MISS_BURST_MISSES=0 turns the budget off", async () => {
+    const r = relay({ missBurstMisses: 0, rateLimitPerSec: 0 });
+    const c = await TestClient.connect(r.wsUrl);
+    expect(count((await joinMany(c, randomCodes(100))).map((f) => f.code))).toEqual({ room_not_found: 100 });
+    expect(count((await lookupMany(r.url, randomCodes(100))).map((res) => res.status))).toEqual({ 404: 100 });
+  });
+
+  test("/room/<code> tells clients, maxClients, origin and url, and nothing else (no slots, no instance in the body)", async () => {
+    const r = relay({ instanceId: "m-9" });
+    const { host, code } = await createRoom(r, "h", 4, { url: "https://game.example/{room}" });
+    const a = await joinRoom(r, code, "kicked-one");
+    await joinRoom(r, code, "stays");
+    host.send({ type: "kick", index: 1 });
+    await a.client.closeCode();
+    const res = await fetch(`${r.url}/room/${code}`);
+    const body = await res.json();
+    expect(Object.keys(body).sort()).toEqual(["clients", "maxClients", "origin", "url"]);
+    expect(body).toEqual({ clients: 2, maxClients: 4, origin: "unknown", url: `https://game.example/${code}` });
+    expect(res.headers.get("x-instance-id")).toBe("m-9");
+  });
+});
+
 describe("ping", () => {
   test("pong echoes id and carries the server clock", async () => {
     const r = relay();
@@ -1058,6 +1226,7 @@ describe("options", () => {
     });
     expect(optionsFromEnv({ ALLOWED_ORIGINS: "", ALLOWED_ORIGINS_REQUIRE: "false" })).toEqual({ allowedOriginsRequire: false });
     expect(() => optionsFromEnv({ ALLOWED_ORIGINS_REQUIRE: "yes" })).toThrow("ALLOWED_ORIGINS_REQUIRE");
+    expect(optionsFromEnv({ MISS_BURST_MISSES: "5", MISS_REFILL_MS: "1000" })).toEqual({ missBurstMisses: 5, missRefillMs: 1000 });
     expect(DEFAULTS.hostGraceMs).toBe(120_000);
     expect(CLOSES.replaced.code).toBe(4000);
   });

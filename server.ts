@@ -81,6 +81,10 @@ export interface RelayOptions extends RoutingOptions {
   allowedOrigins: readonly string[];
   /** Refuse upgrades without an `Origin` header (native apps, scripts) too. */
   allowedOriginsRequire: boolean;
+  /** Per IP: unknown room codes (`room_not_found`, `/room` 404) answered in a burst; 0 turns the budget off. */
+  missBurstMisses: number;
+  /** ...and one more answer every this many ms. */
+  missRefillMs: number;
   tls?: { certFile: string; keyFile: string };
 }
 
@@ -114,6 +118,8 @@ export const DEFAULTS: Readonly<RelayOptions> = Object.freeze({
   resumeTotalBytes: 32 * 1024 * 1024,
   allowedOrigins: [],
   allowedOriginsRequire: false,
+  missBurstMisses: 20,
+  missRefillMs: 3000,
   ...routingDefaults(),
 });
 
@@ -138,6 +144,8 @@ const NUMERIC_ENV = {
   RESUME_ROOM_FRAMES: "resumeRoomFrames",
   RESUME_ROOM_BYTES: "resumeRoomBytes",
   RESUME_TOTAL_BYTES: "resumeTotalBytes",
+  MISS_BURST_MISSES: "missBurstMisses",
+  MISS_REFILL_MS: "missRefillMs",
   PROBE_TIMEOUT_MS: "probeTimeoutMs",
   PROBE_CONCURRENCY: "probeConcurrency",
   PROBE_BUDGET_PER_SEC: "probeBudgetPerSec",
@@ -400,20 +408,100 @@ function originAllowList(entries: readonly string[]): (origin: string) => boolea
   };
 }
 
+// ============================================================ token buckets
+
+/** A token bucket refilled lazily from the clock, so it needs no timer. */
+interface TokenBucket {
+  tokens: number;
+  bucketAtMs: number;
+}
+
+function refill(bucket: TokenBucket, nowMs: number, tokensPerMs: number, burst: number): void {
+  const elapsedMs = nowMs - bucket.bucketAtMs;
+  if (elapsedMs <= 0) return;
+  bucket.tokens = Math.min(burst, bucket.tokens + elapsedMs * tokensPerMs);
+  bucket.bucketAtMs = nowMs;
+}
+
+function takeTokens(bucket: TokenBucket, n: number, nowMs: number, tokensPerMs: number, burst: number): boolean {
+  refill(bucket, nowMs, tokensPerMs, burst);
+  if (bucket.tokens < n) return false;
+  bucket.tokens -= n;
+  return true;
+}
+
+/**
+ * Past this many IPs with a miss budget in use, further IPs share one bucket:
+ * a flood from many addresses costs bounded memory (about 100 bytes an IP) and
+ * gets one shared budget rather than a fresh one per address.
+ */
+const MISS_TRACKED_IPS_MAX = 10_000;
+
+/**
+ * Code guessing (issue 15): each IP may be told "no such room" `burst` times,
+ * then once per `refillMs`. With no token left, every lookup from that IP is
+ * refused, hits too: an answer that differed for a live code would tell the
+ * guesser just what a miss would. Hits never take a token, and a reclaim (a
+ * clientId that owns a slot there) is never asked, so a venue whose NAT also
+ * hosts a guesser loses only fresh joins and lookups, for a few seconds.
+ */
+function createMissBudget(burst: number, refillMs: number) {
+  const byIp = new Map<string, TokenBucket>();
+  const shared: TokenBucket = { tokens: burst, bucketAtMs: Date.now() };
+  const tokensPerMs = 1 / refillMs;
+
+  /** The IP's bucket; `create` only for a miss (an IP never charged has a full bucket and needs none). */
+  function bucketOf(ip: string, nowMs: number, create: boolean): TokenBucket | undefined {
+    const known = byIp.get(ip);
+    if (known) return known;
+    if (byIp.size >= MISS_TRACKED_IPS_MAX) return shared;
+    if (!create) return undefined;
+    const bucket = { tokens: burst, bucketAtMs: nowMs };
+    byIp.set(ip, bucket);
+    return bucket;
+  }
+
+  return {
+    /** Whether `ip` may get an answer that tells whether a code exists: it has a token. */
+    mayAsk(ip: string, nowMs: number): boolean {
+      if (burst === 0) return true;
+      const bucket = bucketOf(ip, nowMs, false);
+      if (!bucket) return true;
+      refill(bucket, nowMs, tokensPerMs, burst);
+      return bucket.tokens >= 1;
+    },
+    /** A miss was answered: it takes its token (mayAsk said there was one). */
+    charge(ip: string, nowMs: number): void {
+      if (burst > 0) takeTokens(bucketOf(ip, nowMs, true)!, 1, nowMs, tokensPerMs, burst);
+    },
+    /** Until `ip` has a token again. */
+    retryAfterMs(ip: string, nowMs: number): number {
+      const bucket = bucketOf(ip, nowMs, false);
+      return bucket ? Math.max(0, Math.ceil((1 - bucket.tokens) * refillMs)) : 0;
+    },
+    /** Forgets IPs whose bucket is full again: they carry no information. */
+    sweep(nowMs: number): void {
+      for (const [ip, bucket] of byIp) {
+        refill(bucket, nowMs, tokensPerMs, burst);
+        if (bucket.tokens >= burst) byIp.delete(ip);
+      }
+    },
+    trackedIps: () => byIp.size,
+  };
+}
+
 // ============================================================= rooms: model
 
 type Socket = ServerWebSocket<Conn>;
 
 /** Per-connection state, kept on the socket (Bun's `ws.data`). */
-interface Conn {
-  /** Fly-Client-IP on Fly, else the socket's peer address (filled in on open). */
+interface Conn extends TokenBucket {
+  /** Fly-Client-IP on Fly, else the socket's peer address. */
   ip: string;
   origin: string;
   room: Room | null;
   member: Member | null;
-  /** Token bucket for the rate limit. */
-  tokens: number;
-  bucketAtMs: number;
+  // The rate limit's token bucket: `tokens`, `bucketAtMs`.
   rateErrorAtMs: number;
   /** Last frame or pong from the client: the heartbeat's evidence of life. */
   lastSeenMs: number;
@@ -773,6 +861,8 @@ function makeCounters() {
     framesReplayed: 0,
     resumes: new Map<"resumed" | "too_old", number>(),
     originRefusals: new Map<OriginRefusal, number>([["not_listed", 0], ["missing", 0]]),
+    /** Lookups refused by the miss budget, by how they came: a `join`, or `GET /room/<code>`. */
+    lookupsRefused: new Map<"join" | "http", number>([["join", 0], ["http", 0]]),
     errors: new Map<ErrorCode, number>(),
     closes: new Map<number, number>(),
     /** Since-boot totals per origin, capped: later origins count under `__other__`. */
@@ -892,6 +982,10 @@ function codeFromPath(pathname: string): string | null {
   return raw.length === 6 && decodeRoomCode(raw) !== null ? raw : null;
 }
 
+function isUpgrade(req: Request): boolean {
+  return req.headers.get("upgrade")?.toLowerCase() === "websocket";
+}
+
 /** `instance=…;region=…;t=…` → its fields. */
 function parseReplaySrc(header: string): Record<string, string> {
   const fields: Record<string, string> = {};
@@ -928,8 +1022,7 @@ function createRouter(ctx: RoutingContext) {
   let peerListLookup: Promise<Peer[]> | undefined;
   const addresses = new Map<string, { address: string; untilMs: number }>();
   const burst = options.probeBudgetPerSec * 2;
-  let tokens = burst;
-  let tokensAtMs = Date.now();
+  const budget: TokenBucket = { tokens: burst, bucketAtMs: Date.now() };
   const lastFailureLogMs = new Map<string, number>();
 
   const replay = (value: string, kind: ReplayKind): Response => {
@@ -948,12 +1041,7 @@ function createRouter(ctx: RoutingContext) {
   }
 
   function takeBudget(n: number): boolean {
-    const nowMs = Date.now();
-    tokens = Math.min(burst, tokens + ((nowMs - tokensAtMs) / 1000) * options.probeBudgetPerSec);
-    tokensAtMs = nowMs;
-    if (tokens < n) return false;
-    tokens -= n;
-    return true;
+    return takeTokens(budget, n, Date.now(), options.probeBudgetPerSec / 1000, burst);
   }
 
   function remember(code: string, owner: string | null): void {
@@ -1087,7 +1175,7 @@ function createRouter(ctx: RoutingContext) {
       if (pinned === instanceId) return null;
       if (!replayed) return replay(`instance=${pinned};${REPLAY_TIMEOUT}`, "instance");
       // We are the fallback: the pinned machine is gone.
-      if (req.headers.get("upgrade")?.toLowerCase() === "websocket") return null;
+      if (isUpgrade(req)) return null;
       const params = new URLSearchParams(url.search);
       params.delete("instance");
       const query = params.toString();
@@ -1150,6 +1238,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   const conns = new Set<Socket>();
   const connectionsByIp = new Map<string, number>();
   const roomsByIp = new Map<string, number>();
+  const misses = createMissBudget(options.missBurstMisses, options.missRefillMs);
   let draining = false;
   let drained: (() => void) | undefined;
   let drainTimer: Timer | undefined;
@@ -1347,10 +1436,16 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   }
 
   function handleJoin(ws: Socket, msg: JoinMessage): void {
+    const { ip } = ws.data;
     if (ws.data.room) return sendError(ws, "already_in_room");
     const room = rooms.get(msg.room);
-    if (!room) return sendError(ws, "room_not_found");
-    const owned = room.byClientId.get(msg.clientId);
+    const owned = room?.byClientId.get(msg.clientId);
+    const nowMs = Date.now();
+    if (!owned && !misses.mayAsk(ip, nowMs)) return refuseJoin(ws, nowMs);
+    if (!room) {
+      misses.charge(ip, nowMs);
+      return sendError(ws, "room_not_found");
+    }
     if (owned?.kicked) return sendError(ws, "kicked");
     if (owned?.ws) return replace(ws, room, owned, msg.resume);
     if (room.present >= room.maxClients) return sendError(ws, "room_full");
@@ -1364,6 +1459,13 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     }
     publish(room, ws, JSON.stringify({ type: "peer_joined", index: member.index }));
     sendJoined(ws, room, member, owned ? msg.resume : undefined, msg.resume !== undefined);
+  }
+
+  /** The miss budget is spent: the same answer whether the room exists or not. */
+  function refuseJoin(ws: Socket, nowMs: number): void {
+    bump(counters.lookupsRefused, "join");
+    const retryAfterMs = misses.retryAfterMs(ws.data.ip, nowMs);
+    sendError(ws, "rate_limited", "Too many unknown room codes; retry later", { retryAfterMs });
   }
 
   /** The clientId's slot is live on another socket: this one takes over, peers see nothing. */
@@ -1574,15 +1676,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   /** Token bucket: refilled lazily from the clock, so no timer per connection. */
   function allowFrame(conn: Conn, nowMs: number): boolean {
-    if (options.rateLimitPerSec === 0) return true;
-    const elapsedMs = nowMs - conn.bucketAtMs;
-    if (elapsedMs > 0) {
-      conn.tokens = Math.min(options.rateLimitBurst, conn.tokens + (elapsedMs * options.rateLimitPerSec) / 1000);
-      conn.bucketAtMs = nowMs;
-    }
-    if (conn.tokens < 1) return false;
-    conn.tokens -= 1;
-    return true;
+    return options.rateLimitPerSec === 0 || takeTokens(conn, 1, nowMs, options.rateLimitPerSec / 1000, options.rateLimitBurst);
   }
 
   function onFrame(ws: Socket, raw: string | Buffer): void {
@@ -1616,8 +1710,6 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function onOpen(ws: Socket): void {
     const conn = ws.data;
-    // Off Fly (or without its header) the socket's own peer is the client.
-    conn.ip ||= ws.remoteAddress || "unknown";
     conns.add(ws);
     originTotals(counters, conn.origin).connections++;
     const count = (connectionsByIp.get(conn.ip) ?? 0) + 1;
@@ -1648,6 +1740,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   const heartbeat = setInterval(() => {
     const nowMs = Date.now();
     for (const room of rooms.values()) expireRing(room, nowMs);
+    misses.sweep(nowMs);
     for (const ws of conns) {
       if (ws.data.closing) continue;
       const silentMs = nowMs - ws.data.lastSeenMs;
@@ -1679,7 +1772,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     return text(clientJs, "text/javascript; charset=utf-8", 200, { ETag: clientEtag, "Cache-Control": "no-cache" });
   }
 
-  function roomInfo(rawCode: string): Response {
+  /** Party-Sockets' fields, and nothing more: no slots, no clientIds, no instance beyond the header. */
+  function roomInfo(rawCode: string, asker: string | null): Response {
     let code: string;
     try {
       code = decodeURIComponent(rawCode);
@@ -1687,9 +1781,32 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       return json({ error: "Bad room code" }, 400, { "X-Instance-Id": instanceId });
     }
     const room = rooms.get(code);
-    if (!room) return json({ error: "Room not found" }, 404, { "X-Instance-Id": instanceId });
+    if (!room) {
+      if (asker !== null) misses.charge(asker, Date.now());
+      return json({ error: "Room not found" }, 404, { "X-Instance-Id": instanceId });
+    }
     const body = { clients: room.present, maxClients: room.maxClients, origin: room.origin, url: room.url };
     return json(body, 200, { "X-Instance-Id": instanceId });
+  }
+
+  /**
+   * Who a `/room/<code>` lookup is charged to: the client's IP, or null for a
+   * peer's probe. A probe comes over Fly's private network, never through its
+   * proxy, so it has no Fly-Client-IP; the client it probes for is charged by
+   * the machine it asked. Anything through the proxy that claims to be a probe is charged.
+   */
+  function lookupAsker(req: Request, srv: Server<Conn>): string | null {
+    const probe = options.flyAppName !== "" && req.headers.has(PROBE_HEADER) && !req.headers.has("fly-client-ip");
+    return probe ? null : clientIp(req, srv);
+  }
+
+  /** The miss budget is spent: 429 before any routing or probing, whether the room exists or not. */
+  function refuseLookup(asker: string | null): Response | undefined {
+    const nowMs = Date.now();
+    if (asker === null || misses.mayAsk(asker, nowMs)) return undefined;
+    bump(counters.lookupsRefused, "http");
+    const retryAfterS = Math.max(1, Math.ceil(misses.retryAfterMs(asker, nowMs) / 1000));
+    return json({ error: "Too many unknown room codes" }, 429, { "Retry-After": String(retryAfterS), "X-Instance-Id": instanceId });
   }
 
   function statusSnapshot(req: Request): Response {
@@ -1726,9 +1843,12 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     return text("Origin not allowed\n", "text/plain", 403);
   }
 
-  /** Fly's proxy is the socket's peer there, so its header names the client; anywhere else it could be forged. */
-  function flyClientIp(req: Request): string {
-    return (options.flyAppName && req.headers.get("fly-client-ip")) || "";
+  /**
+   * The IP every per-IP limit counts. Fly's proxy is the socket's peer there,
+   * so its header names the client; anywhere else it could be forged.
+   */
+  function clientIp(req: Request, srv: Server<Conn>): string {
+    return (options.flyAppName && req.headers.get("fly-client-ip")) || srv.requestIP(req)?.address || "unknown";
   }
 
   function upgrade(req: Request, srv: Server<Conn>): Response | undefined {
@@ -1737,7 +1857,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     const nowMs = Date.now();
     const origin = (req.headers.get("origin") || "unknown").slice(0, 200);
     const conn: Conn = {
-      ip: flyClientIp(req),
+      ip: clientIp(req, srv),
       origin,
       room: null,
       member: null,
@@ -1754,16 +1874,20 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   /** Routing first (SPEC §5: maybe a fly-replay elsewhere), then this machine's own answer. */
   function fetch(req: Request, srv: Server<Conn>): Response | undefined | Promise<Response | undefined> {
     const url = new URL(req.url);
+    const lookup = !isUpgrade(req) && url.pathname.startsWith("/room/");
+    const asker = lookup ? lookupAsker(req, srv) : null;
+    const refused = lookup ? refuseLookup(asker) : undefined;
+    if (refused) return refused;
     const routed = router.route(req, url);
-    if (routed instanceof Promise) return routed.then((answer) => answer ?? serveHere(req, url, srv));
-    return routed ?? serveHere(req, url, srv);
+    if (routed instanceof Promise) return routed.then((answer) => answer ?? serveHere(req, url, srv, asker));
+    return routed ?? serveHere(req, url, srv, asker);
   }
 
-  function serveHere(req: Request, url: URL, srv: Server<Conn>): Response | undefined {
-    if (req.headers.get("upgrade")?.toLowerCase() === "websocket") return upgrade(req, srv);
+  function serveHere(req: Request, url: URL, srv: Server<Conn>, asker: string | null): Response | undefined {
+    if (isUpgrade(req)) return upgrade(req, srv);
     const route = routes[url.pathname];
     if (route) return route(req);
-    if (url.pathname.startsWith("/room/")) return roomInfo(url.pathname.slice("/room/".length));
+    if (url.pathname.startsWith("/room/")) return roomInfo(url.pathname.slice("/room/".length), asker);
     return statusSnapshot(req);
   }
 
@@ -1825,6 +1949,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       [`,result="too_old"`, counters.resumes.get("too_old") ?? 0],
     ]);
     family("party_sockets_origin_refusals_total", "counter", "WebSocket upgrades refused by ALLOWED_ORIGINS, by reason", byLabel("reason", counters.originRefusals));
+    family("party_sockets_lookups_refused_total", "counter", "Joins and /room lookups refused by the per-IP miss budget, by how they came", byLabel("via", counters.lookupsRefused));
+    family("party_sockets_miss_budget_ips", "gauge", "IPs with a miss budget in use (capped)", one(misses.trackedIps()));
     family("party_sockets_frames_replayed_total", "counter", "Frames replayed to resuming members", one(counters.framesReplayed));
     family("party_sockets_resume_buffer_bytes", "gauge", "UTF-8 bytes of relayed frames kept for resume", one(ringTotalBytes));
     family("process_resident_memory_bytes", "gauge", "Resident set size", one(memory.rss));
