@@ -372,10 +372,10 @@ function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
 /** Browsers send origins in lower case without a path; operators may type either. */
 const canonicalOrigin = (origin: string): string => origin.trim().toLowerCase().replace(/\/$/, "");
 const WILDCARD_ORIGIN = /^(https?:\/\/)\*(\..+)$/;
-/** A refused page may retry in a loop: one log line per second at most (the metric counts them all). */
-const ORIGIN_REFUSED_LOG_EVERY_MS = 1000;
 /** What may stand for the `*` of a wildcard: one or more DNS labels, nothing else. */
 const WILDCARD_LABELS = /^[a-z0-9-]+(\.[a-z0-9-]+)*$/;
+/** A refused page may retry in a loop: one log line per second at most (the metric counts them all). */
+const ORIGIN_REFUSED_LOG_EVERY_MS = 1000;
 
 /**
  * `ALLOWED_ORIGINS` as a predicate over an `Origin` header. A wildcard matches
@@ -1629,8 +1629,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   /**
    * Host only: the member in slot `index` is closed with 4004 (the others get
    * `peer_left`), and the slot's clientId is barred for the room's life, even
-   * when the slot is vacant or was left (then its clientId is barred again,
-   * unless it has since taken another slot, which the host can kick too).
+   * when the slot is vacant or was left (a left slot's clientId is barred anew,
+   * unless it has since taken another slot, which the host can kick in turn).
    */
   function handleKick(ws: Socket, index: number): void {
     const { room, member } = ws.data;
@@ -1674,9 +1674,10 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   // ------------------------------------------------------------ frames in
 
-  /** Token bucket: refilled lazily from the clock, so no timer per connection. */
+  const rateTokensPerMs = options.rateLimitPerSec / 1000;
+  /** The per-connection rate limit, on every frame: the bucket lives on the socket, so no timer and no lookup. */
   function allowFrame(conn: Conn, nowMs: number): boolean {
-    return options.rateLimitPerSec === 0 || takeTokens(conn, 1, nowMs, options.rateLimitPerSec / 1000, options.rateLimitBurst);
+    return rateTokensPerMs === 0 || takeTokens(conn, 1, nowMs, rateTokensPerMs, options.rateLimitBurst);
   }
 
   function onFrame(ws: Socket, raw: string | Buffer): void {
