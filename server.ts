@@ -552,9 +552,10 @@ type Recipients = undefined | number | number[];
 // one index array and 512 bytes.
 const RING_MIN_BYTES = 512;
 const RING_MIN_FRAMES = 8;
-// A busy room's ring grows from those to its bound in a few steps rather than ten, and
-// growing the index no longer copies the bytes (or the reverse).
-const RING_GROWTH = 4;
+// A busy room's index grows from RING_MIN_FRAMES to its bound in a few steps rather than
+// ten. The bytes only double: a room's buffer is about twice what it holds, and growing it
+// faster measured 500 busy rooms at 250 MB of heap instead of 130 MB.
+const RING_INDEX_GROWTH = 4;
 
 /** `{"type":"message","from":` */
 const MESSAGE_HEAD = Buffer.from('{"type":"message","from":');
@@ -788,10 +789,10 @@ class FrameRing {
 
   /** Grows the buffers (up to the bounds) so a frame of `length` bytes has room. */
   private reserve(length: number): void {
-    if (this.count === this.capacity) this.growIndex(Math.min(this.maxFrames, Math.max(RING_MIN_FRAMES, this.capacity * RING_GROWTH)));
+    if (this.count === this.capacity) this.growIndex(Math.min(this.maxFrames, Math.max(RING_MIN_FRAMES, this.capacity * RING_INDEX_GROWTH)));
     // Half the buffer free keeps wrap-around from dropping frames early, until it reaches its bound.
     const wanted = Math.min(this.maxBytes, Math.max(RING_MIN_BYTES, 2 * (this.size + length)));
-    if (wanted > this.bytes.length) this.growBytes(Math.max(wanted, Math.min(this.maxBytes, this.bytes.length * RING_GROWTH)));
+    if (wanted > this.bytes.length) this.growBytes(Math.max(wanted, Math.min(this.maxBytes, this.bytes.length * 2)));
   }
 
   /** Where the next `length` bytes go: after the newest frame, or wrapped to the start, dropping what is in the way. */
