@@ -13,8 +13,9 @@
 //   the room (`/<code>?instance=<id>`; the anycast address may land elsewhere), rejoining with the
 //   same clientId so the slot, `peers` and `state` come back.
 // - Terminal closes are never retried: 4000 "replaced" (another tab/device took the slot:
-//   retrying would start a replace ping-pong), 4001 "room closed", `leave()`, and `room_not_found`
-//   on a rejoin (reported as `closed` 4001 "room not found").
+//   retrying would start a replace ping-pong), 4001 "room closed", 4004 "kicked" (the host
+//   removed us; also when a rejoin is answered `kicked`), `leave()`, and `room_not_found` on a
+//   rejoin (reported as `closed` 4001 "room not found").
 // - Sends made while offline are queued (bounded in count and age) and flushed after the rejoin.
 // - An application-level ping (browsers cannot send WebSocket pings) notices a dead link that
 //   the browser has not noticed (phones switching networks keep a half-open TCP connection for
@@ -154,6 +155,8 @@ export class RoomError extends Error {
 // Typed against protocol.ts's CLOSES table: a change there fails the type-check here.
 const CLOSE_REPLACED: (typeof CLOSES)["replaced"]["code"] = 4000;
 const CLOSE_ROOM_CLOSED: (typeof CLOSES)["roomClosed"]["code"] = 4001;
+const CLOSE_KICKED: (typeof CLOSES)["kicked"]["code"] = 4004;
+const KICKED_REASON: (typeof CLOSES)["kicked"]["reason"] = "kicked";
 const CLOSE_MOVED: (typeof CLOSES)["moved"]["code"] = 4005;
 /**
  * A room still `moving` this long after its refused sends were counted may have stayed where it
@@ -167,7 +170,12 @@ const CLOSE_LEFT = 1000;
 /** Closes after which a reconnect cannot help. Everything else (1001, 1006, 1008, 1009, 4002,
  *  4003, a failed heartbeat) is retried. */
 function isTerminalClose(code: number): boolean {
-  return code === CLOSE_REPLACED || code === CLOSE_ROOM_CLOSED;
+  return code === CLOSE_REPLACED || code === CLOSE_ROOM_CLOSED || code === CLOSE_KICKED;
+}
+
+/** Join errors after which this clientId is of no more use for the code: it is forgotten. */
+function isForgotten(code: RoomErrorCode): boolean {
+  return code === "room_not_found" || code === "kicked";
 }
 
 // ------------------------------------------------------------------------------- helpers
@@ -447,6 +455,15 @@ export class Room extends EventTarget {
   }
 
   /**
+   * Host only: remove the member in slot `index` for the room's life (it gets `closed` 4004
+   * "kicked", the others `peer_left`). The relay answers a bad `index` with an `error` event
+   * `target_not_found`, a non-host with `not_host`.
+   */
+  kick(index: number): boolean {
+    return this.#sendOrQueue({ type: "kick", index });
+  }
+
+  /**
    * Leave for good: the slot is released and this clientId forgets the room. Resolves once the
    * relay confirmed (or at once when offline: then only this side stops; the relay keeps the
    * slot vacant until the room ends). A host's leave closes the room (`closed` 4001).
@@ -591,7 +608,7 @@ export class Room extends EventTarget {
     this.#pending = null;
     this.#dropSocket();
     this.#phase = "closed";
-    if (code === "room_not_found" && this.#storeClientId) storeRemove(this.#store, this.code, this.#clientId);
+    if (isForgotten(code) && this.#storeClientId) storeRemove(this.#store, this.code, this.#clientId);
     pending?.reject(new RoomError(code, message));
   }
 
@@ -672,6 +689,8 @@ export class Room extends EventTarget {
     if (msg.type !== "error") return;
     if (this.#pending) return this.#fail(msg.code, msg.message);
     if (msg.code === "room_not_found") return this.#end(CLOSE_ROOM_CLOSED, "room not found");
+    // Kicked while away (the host kicked our vacant slot): the same end as the 4004 close.
+    if (msg.code === "kicked") return this.#end(CLOSE_KICKED, KICKED_REASON);
     // e.g. room_full (our vacant slot is past the cap until someone leaves): tell and retry.
     // `moving`: the room is between machines; the retry finds it where it lands.
     if (msg.code !== "moving") this.#emit("error", { code: msg.code, message: msg.message });

@@ -83,6 +83,18 @@ live("live relay", () => {
     expect((await fetch(`${LIVE_URL}/room/${code}`)).status).toBe(404);
   });
 
+  test("kick closes the member with 4004 kicked and bars its clientId", async () => {
+    const { host, guest, guestId, code } = await room();
+    host.send({ type: "kick", index: 1 });
+    expect(await guest.closeCode()).toEqual({ code: 4004, reason: "kicked" });
+    expect(await host.next("peer_left")).toEqual({ type: "peer_left", index: 1 });
+    const again = await TestClient.connect(wsUrl);
+    again.send({ type: "join", clientId: guestId, room: code });
+    expect(await again.error("kicked")).toMatchObject({ message: "Removed by the host" });
+    host.close();
+    again.close();
+  });
+
   test("errors carry a code", async () => {
     const c = await TestClient.connect(wsUrl);
     c.send("null");

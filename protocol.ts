@@ -15,6 +15,7 @@ export type ClientMessage =
   | SetStateMessage
   | CloseRoomMessage
   | LeaveMessage
+  | KickMessage
   | PingMessage;
 
 export interface CreateMessage {
@@ -45,6 +46,11 @@ export interface CloseRoomMessage {
 }
 export interface LeaveMessage {
   type: "leave";
+}
+/** Host only: remove the member in slot `index` for the room's life (issue 15). */
+export interface KickMessage {
+  type: "kick";
+  index: number;
 }
 export interface PingMessage {
   type: "ping";
@@ -133,6 +139,8 @@ export interface ErrorMessage {
   message: string;
   /** With `target_not_found` on `to: [...]`: the slots that were not present. */
   missing?: number[];
+  /** With `rate_limited` on a `join` refused by the miss budget: when this IP may ask again. */
+  retryAfterMs?: number;
 }
 
 // --------------------------------------------------------------------- errors
@@ -159,6 +167,7 @@ export const ERRORS = {
   rate_limited: "Rate limited: messages are being dropped",
   binary_unsupported: "Binary frames are not supported; send JSON text",
   too_many_rooms: "Too many rooms",
+  kicked: "Removed by the host",
   /** Any frame from a member while its room is handed to another machine: nothing was relayed, resend after the move. */
   moving: "Room is moving to another server",
 } as const;
@@ -173,6 +182,7 @@ export const CLOSES = {
   roomClosed: { code: 4001, reason: "room closed" },
   slowConsumer: { code: 4002, reason: "slow consumer" },
   unresponsive: { code: 4003, reason: "unresponsive" },
+  kicked: { code: 4004, reason: "kicked" },
   policy: { code: 1008, reason: "too many connections" },
   tooLarge: { code: 1009, reason: "message too large" },
   shutdown: { code: 1001, reason: "server shutting down" },

@@ -1,10 +1,10 @@
 // In-process relays built by the factory, real sockets, one describe per area
 // of SPEC.md. Test names state the rule they prove.
 
-import { afterEach, describe, expect, test } from "bun:test";
+import { afterEach, describe, expect, setSystemTime, test } from "bun:test";
 import { CLOSES, ERRORS } from "./protocol.ts";
 import { optionsFromEnv, DEFAULTS, type RelayOptions } from "./server.ts";
-import { createRoom, joinRoom, RawClient, TestClient, testRelay, within } from "./test/helpers.ts";
+import { createRoom, joinRoom, RawClient, TestClient, testRelay, upgradeStatus, within, type Frame } from "./test/helpers.ts";
 
 const BASE58_CODE = /^[1-9A-HJ-NP-Za-km-z]{6}$/;
 
@@ -525,6 +525,394 @@ describe("close_room, leave, host grace", () => {
   });
 });
 
+describe("kick", () => {
+  test("a kicked member gets 4004 kicked, the others peer_left, the host no extra frame", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    const b = await joinRoom(r, code);
+    await host.next("peer_joined");
+    await host.next("peer_joined");
+    await a.client.next("peer_joined");
+    host.send({ type: "kick", index: 1 });
+    expect(await a.client.closeCode()).toEqual({ code: 4004, reason: "kicked" });
+    expect(await host.next("peer_left")).toEqual({ type: "peer_left", index: 1 });
+    expect(await b.client.next("peer_left")).toEqual({ type: "peer_left", index: 1 });
+    await host.barrier();
+    expect(host.frames).toEqual([]);
+    expect(CLOSES.kicked).toEqual({ code: 4004, reason: "kicked" });
+  });
+
+  test("a kicked clientId cannot join again, with or without resume: kicked, and nothing changes", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "troll");
+    await host.next("peer_joined");
+    host.send({ type: "send", data: "for the troll", to: 1 });
+    await a.client.next("message");
+    host.send({ type: "kick", index: 1 });
+    await a.client.closeCode();
+    await host.next("peer_left");
+    for (const resume of [undefined, 0]) {
+      const again = await TestClient.connect(r.wsUrl);
+      again.send({ type: "join", clientId: "troll", room: code, resume });
+      expect(await again.error("kicked")).toEqual({ type: "error", code: "kicked", message: "Removed by the host" });
+      await again.barrier();
+      expect(again.frames).toEqual([]); // no joined, no replayed message, no state
+    }
+    await host.barrier();
+    expect(host.pending("peer_joined")).toEqual([]);
+    expect(ERRORS.kicked).toBe("Removed by the host");
+  });
+
+  test("a kicked slot frees its maxClients place at once; a new clientId takes a new slot", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r, "host", 2);
+    await joinRoom(r, code);
+    const full = await TestClient.connect(r.wsUrl);
+    full.send({ type: "join", clientId: "newcomer", room: code });
+    await full.error("room_full");
+    host.send({ type: "kick", index: 1 });
+    await host.next("peer_left");
+    full.send({ type: "join", clientId: "newcomer", room: code });
+    expect((await full.next("joined")).index).toBe(2);
+  });
+
+  test("kicking a vacant slot bars its clientId too, and tells nobody", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "dropped");
+    await host.next("peer_joined");
+    a.client.close();
+    await host.next("peer_left");
+    host.send({ type: "kick", index: 1 });
+    await host.barrier();
+    expect(host.frames).toEqual([]);
+    const again = await TestClient.connect(r.wsUrl);
+    again.send({ type: "join", clientId: "dropped", room: code });
+    await again.error("kicked");
+  });
+
+  test("kicking a slot that left bars its clientId from coming back as a new slot", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code, "leaver");
+    a.client.send({ type: "leave" });
+    await a.client.next("left");
+    await host.next("peer_left");
+    host.send({ type: "kick", index: 1 });
+    await host.barrier();
+    a.client.send({ type: "join", clientId: "leaver", room: code });
+    await a.client.error("kicked");
+  });
+
+  test("kicking an already kicked slot is a no-op without error", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    await host.next("peer_joined");
+    host.send({ type: "kick", index: 1 });
+    await a.client.closeCode();
+    await host.next("peer_left");
+    host.send({ type: "kick", index: 1 });
+    await host.barrier();
+    expect(host.frames).toEqual([]);
+  });
+
+  test("the host's own slot, a slot that never existed, a malformed index: target_not_found", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    for (const index of [0, 2, 1e9, -1, 1.5, "1", null, [1], undefined]) {
+      host.send({ type: "kick", index });
+      await host.error("target_not_found");
+    }
+    host.send({ type: "send", data: "still here" });
+    expect((await a.client.next("message")).data).toBe("still here");
+  });
+
+  test("only the host can kick; outside a room it is not_in_room", async () => {
+    const r = relay();
+    const { code } = await createRoom(r);
+    const a = await joinRoom(r, code);
+    const b = await joinRoom(r, code);
+    a.client.send({ type: "kick", index: 2 });
+    expect(await a.client.error("not_host")).toMatchObject({ message: "Only the host can kick" });
+    a.client.send({ type: "kick", index: 0 });
+    await a.client.error("not_host");
+    await b.client.barrier();
+    expect(b.client.pending("peer_left")).toEqual([]);
+    const c = await TestClient.connect(r.wsUrl);
+    c.send({ type: "kick", index: 1 });
+    await c.error("not_in_room");
+  });
+
+  test("a kick is logged with the room and slot, and counted as a 4004 close; no clientId anywhere", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r, "host-secret-id");
+    const a = await joinRoom(r, code, "guest-secret-id");
+    host.send({ type: "kick", index: 1 });
+    await a.client.closeCode();
+    const kick = r.logs.map((l) => JSON.parse(l)).find((l) => l.event === "member_kicked");
+    expect(kick).toMatchObject({ room: code, index: 1 });
+    const metrics = await (await fetch(`${r.url}/metrics`)).text();
+    expect(metrics).toMatch(/party_sockets_closes_total\{[^}]*code="4004"\} 1/);
+    expect(r.logs.join("\n") + metrics).not.toContain("secret-id");
+  });
+});
+
+describe("origin allow-list (ALLOWED_ORIGINS)", () => {
+  const origin = (value: string) => ({ Origin: value });
+
+  test("empty by default: every page, `null` and no Origin at all are admitted, as before", async () => {
+    const r = relay();
+    for (const headers of [origin("https://anything.example"), origin("null"), {}]) expect(await upgradeStatus(r.port, headers)).toBe(101);
+    const metrics = await (await fetch(`${r.url}/metrics`)).text();
+    expect(metrics).toMatch(/party_sockets_origin_refusals_total\{[^}]*reason="not_listed"\} 0/);
+  });
+
+  test("exact origins: listed ones are admitted; other sites, schemes and ports get 403 before any upgrade", async () => {
+    const r = relay({ allowedOrigins: ["https://game.example", "http://localhost:5173"] });
+    expect(await upgradeStatus(r.port, origin("https://game.example"))).toBe(101);
+    expect(await upgradeStatus(r.port, origin("http://localhost:5173"))).toBe(101);
+    for (const refused of ["https://other.example", "http://game.example", "https://game.example:8443", "https://a.game.example", "http://localhost:3000"]) {
+      expect(await upgradeStatus(r.port, origin(refused))).toBe(403);
+    }
+    const res = await fetch(r.url, { headers: { Upgrade: "websocket", Connection: "Upgrade", Origin: "https://other.example" } });
+    expect(res.status).toBe(403);
+    expect(await res.text()).toBe("Origin not allowed\n");
+    expect(res.headers.get("access-control-allow-origin")).toBe("*");
+    // A refused page never had a socket: only the two admitted upgrades were ever opened.
+    const metrics = await (await fetch(`${r.url}/metrics`)).text();
+    const opened = [...metrics.matchAll(/^party_sockets_connections_total\{[^}]*\} (\d+)$/gm)].reduce((sum, m) => sum + Number(m[1]), 0);
+    expect(opened).toBe(2);
+    expect(metrics).toMatch(/party_sockets_origin_refusals_total\{[^}]*reason="not_listed"\} 6/);
+  });
+
+  test("a wildcard admits subdomains of any depth, with the same scheme and port, and nothing else", async () => {
+    const r = relay({ allowedOrigins: ["https://*.game.example"] });
+    for (const admitted of ["https://a.game.example", "https://a-b.c.game.example"]) expect(await upgradeStatus(r.port, origin(admitted))).toBe(101);
+    const refused = [
+      "https://game.example",
+      "https://evilgame.example",
+      "https://a.game.example.evil.example",
+      "http://a.game.example",
+      "https://a.game.example:444",
+      "https://.game.example",
+      "https://a@b.game.example",
+    ];
+    for (const o of refused) expect(await upgradeStatus(r.port, origin(o))).toBe(403);
+  });
+
+  test("case and a trailing slash do not matter, in the list or in the header", async () => {
+    const r = relay({ allowedOrigins: ["https://Game.Example/", "https://*.Party.Example"] });
+    for (const o of ["https://game.example", "HTTPS://GAME.EXAMPLE", "https://game.example/", "https://TV.party.example"]) {
+      expect(await upgradeStatus(r.port, origin(o))).toBe(101);
+    }
+  });
+
+  test("`null` (sandboxed frames, file: pages) is refused once a list is set, and cannot be listed", async () => {
+    const r = relay({ allowedOrigins: ["https://game.example"] });
+    expect(await upgradeStatus(r.port, origin("null"))).toBe(403);
+    expect(() => testRelay({ allowedOrigins: ["null"] })).toThrow("ALLOWED_ORIGINS");
+  });
+
+  test("no Origin header (native apps, scripts) is admitted unless ALLOWED_ORIGINS_REQUIRE", async () => {
+    const open = relay({ allowedOrigins: ["https://game.example"] });
+    expect(await upgradeStatus(open.port)).toBe(101);
+    const strict = relay({ allowedOrigins: ["https://game.example"], allowedOriginsRequire: true });
+    expect(await upgradeStatus(strict.port)).toBe(403);
+    expect(await upgradeStatus(strict.port, origin("https://game.example"))).toBe(101);
+    const metrics = await (await fetch(`${strict.url}/metrics`)).text();
+    expect(metrics).toMatch(/party_sockets_origin_refusals_total\{[^}]*reason="missing"\} 1/);
+  });
+
+  test("a refusal is logged with the origin only, at most once per second; HTTP routes are not affected", async () => {
+    const r = relay({ allowedOrigins: ["https://game.example"] });
+    for (let i = 0; i < 5; i++) expect(await upgradeStatus(r.port, origin("https://intruder.example"))).toBe(403);
+    const lines = r.logs.map((l) => JSON.parse(l)).filter((l) => l.event === "origin_refused");
+    expect(lines.length).toBe(1);
+    const { t: _t, ...fields } = lines[0];
+    expect(fields).toEqual({ level: "warn", event: "origin_refused", origin: "https://intruder.example", reason: "not_listed" });
+    const health = await fetch(`${r.url}/health`, { headers: { Origin: "https://intruder.example" } });
+    expect(health.status).toBe(200);
+  });
+
+  test("entries that are not origins stop the relay from starting, with the variable's name", () => {
+    for (const bad of ["game.example", "https://game.example/play", "https://*game.example", "ftp://*.game.example", "https://game.example?x"]) {
+      expect(() => testRelay({ allowedOrigins: [bad] })).toThrow("ALLOWED_ORIGINS");
+    }
+  });
+});
+
+describe("code guessing (per-IP miss budget)", () => {
+  /** Frames from one socket, sent at once, then every answer awaited. */
+  async function joinMany(c: TestClient, codes: string[]): Promise<Frame[]> {
+    for (const room of codes) c.send({ type: "join", clientId: "guesser", room });
+    const answers: Frame[] = [];
+    for (let i = 0; i < codes.length; i++) answers.push(await c.next("error"));
+    return answers;
+  }
+  const randomCodes = (n: number) => Array.from({ length: n }, () => crypto.randomUUID().slice(0, 6));
+  const count = (xs: (string | number)[]) => Object.fromEntries([...new Set(xs)].map((x) => [x, xs.filter((y) => y === x).length]));
+  async function lookupMany(base: string, codes: string[], headers: Record<string, string> = {}): Promise<Response[]> {
+    const answers: Response[] = [];
+    for (let at = 0; at < codes.length; at += 50) {
+      answers.push(...(await Promise.all(codes.slice(at, at + 50).map((code) => fetch(`${base}/room/${code}`, { headers })))));
+    }
+    return answers;
+  }
+  const metric = async (r: { url: string }, name: string, label: string) => {
+    const line = (await (await fetch(`${r.url}/metrics`)).text()).split("\n").find((l) => l.startsWith(name + "{") && l.includes(label));
+    return Number(line?.split(" ").at(-1));
+  };
+
+  test("the defaults: 20 misses in a burst, then one per 3 s", () => {
+    expect([DEFAULTS.missBurstMisses, DEFAULTS.missRefillMs]).toEqual([20, 3000]);
+  });
+
+  test("1000 joins and 1000 lookups of random codes from one IP: past the burst every miss is refused", async () => {
+    // No refill within the test, so the counts are exact; the per-frame rate limit off to send 1000 joins at once.
+    const r = relay({ hostname: DEFAULTS.hostname, missRefillMs: 3_600_000, rateLimitPerSec: 0 });
+    const guesser = await TestClient.connect(`ws://127.0.0.1:${r.port}`);
+    const joins = await joinMany(guesser, randomCodes(1000));
+    expect(count(joins.map((f) => f.code))).toEqual({ room_not_found: 20, rate_limited: 980 });
+    expect(joins.find((f) => f.code === "rate_limited")).toMatchObject({ message: "Too many unknown room codes; retry later" });
+    expect(joins.find((f) => f.code === "rate_limited")!.retryAfterMs).toBeGreaterThan(0);
+    // One budget per IP: the joins spent it, the lookups get 429 with Retry-After.
+    const lookups = await lookupMany(`http://127.0.0.1:${r.port}`, randomCodes(1000));
+    expect(count(lookups.map((res) => res.status))).toEqual({ 429: 1000 });
+    expect(Number(lookups[0]!.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
+    expect(await lookups[0]!.json()).toEqual({ error: "Too many unknown room codes" });
+    expect(lookups[0]!.headers.get("access-control-allow-origin")).toBe("*");
+    expect(await metric(r, "party_sockets_lookups_refused_total", 'via="join"')).toBe(980);
+    expect(await metric(r, "party_sockets_lookups_refused_total", 'via="http"')).toBe(1000);
+
+    // Another IP (IPv6 loopback) has its own budget.
+    const other = await TestClient.connect(`ws://[::1]:${r.port}`);
+    expect(count((await joinMany(other, randomCodes(30))).map((f) => f.code))).toEqual({ room_not_found: 20, rate_limited: 10 });
+    expect((await fetch(`http://[::1]:${r.port}/room/zzzzzz`)).status).toBe(429);
+  });
+
+  test("with the budget spent a live code gets the same refusal as a miss; a reclaim of one's own slot is never refused", async () => {
+    const r = relay({ missBurstMisses: 3, missRefillMs: 3_600_000, rateLimitPerSec: 0 });
+    const { host, code } = await createRoom(r);
+    const player = await joinRoom(r, code, "player");
+    await host.next("peer_joined");
+    const guesser = await TestClient.connect(r.wsUrl);
+    await joinMany(guesser, randomCodes(3));
+    // Spent: a live room and a dead code now get one and the same answer.
+    guesser.send({ type: "join", clientId: "guesser", room: code });
+    expect(await guesser.error("rate_limited")).toMatchObject({ message: "Too many unknown room codes; retry later" });
+    expect((await fetch(`${r.url}/room/${code}`)).status).toBe(429);
+    // The player's phone drops and comes back from the same IP: its rejoin is a reclaim, never asked.
+    player.client.close();
+    await host.next("peer_left");
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "player", room: code, resume: 0 });
+    expect(await back.next("joined")).toMatchObject({ index: 1, resumed: true });
+    // Creating rooms is no lookup.
+    const another = await TestClient.connect(r.wsUrl);
+    another.send({ type: "create", clientId: "new-host", maxClients: 2 });
+    await another.next("created");
+  });
+
+  test("hits never take a token: once one is back, a join to a live room succeeds and the next miss is still answered", async () => {
+    // The clock jumps below: the heartbeat must not take that for silence.
+    const r = relay({ missBurstMisses: 2, missRefillMs: 1000, rateLimitPerSec: 0, heartbeatIntervalMs: 600_000, heartbeatTimeoutMs: 600_000 });
+    const { code } = await createRoom(r);
+    const c = await TestClient.connect(r.wsUrl);
+    try {
+      await joinMany(c, randomCodes(2));
+      c.send({ type: "join", clientId: "late-player", room: code });
+      await c.error("rate_limited");
+      setSystemTime(new Date(Date.now() + 1000));
+      for (let i = 0; i < 3; i++) {
+        const hit = await fetch(`${r.url}/room/${code}`);
+        expect(hit.status).toBe(200);
+      }
+      c.send({ type: "join", clientId: "late-player", room: code });
+      expect((await c.next("joined")).index).toBe(1);
+      const d = await TestClient.connect(r.wsUrl);
+      expect((await joinMany(d, randomCodes(2))).map((f) => f.code)).toEqual(["room_not_found", "rate_limited"]);
+    } finally {
+      setSystemTime();
+    }
+  });
+
+  test("a flood from 100 000 addresses keeps the per-IP state bounded; past the cap new addresses share one budget", async () => {
+    const r = relay({ flyAppName: "guess-test", missRefillMs: 3_600_000, logLevel: "warn" });
+    const ipOf = (i: number) => `10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`;
+    Bun.gc(true);
+    const heapBefore = process.memoryUsage().heapUsed;
+    let next = 0;
+    const statuses: number[] = [];
+    await Promise.all(
+      Array.from({ length: 64 }, async () => {
+        for (let i = next++; i < 100_000; i = next++) {
+          const res = await fetch(`${r.url}/room/nope`, { headers: { "Fly-Client-IP": ipOf(i) } });
+          await res.arrayBuffer();
+          statuses.push(res.status);
+        }
+      }),
+    );
+    // 10 000 addresses tracked (one miss each), then one shared bucket of 20 for all the rest.
+    expect(count(statuses)).toEqual({ 404: 10_000 + 20, 429: 100_000 - 10_020 });
+    expect(await metric(r, "party_sockets_miss_budget_ips", "")).toBe(10_000);
+    Bun.gc(true);
+    expect((process.memoryUsage().heapUsed - heapBefore) / 2 ** 20).toBeLessThan(32);
+    // An address seen before keeps its own budget.
+    expect((await fetch(`${r.url}/room/nope`, { headers: { "Fly-Client-IP": ipOf(0) } })).status).toBe(404);
+  }, 60_000);
+
+  test("buckets that are full again are forgotten by the sweep", async () => {
+    const r = relay({ missRefillMs: 1000, heartbeatIntervalMs: 20, heartbeatTimeoutMs: 600_000 });
+    await lookupMany(r.url, randomCodes(5));
+    expect(await metric(r, "party_sockets_miss_budget_ips", "")).toBe(1);
+    try {
+      setSystemTime(new Date(Date.now() + 20 * 1000));
+      await within(
+        (async () => {
+          while ((await metric(r, "party_sockets_miss_budget_ips", "")) !== 0) await new Promise((resolve) => setImmediate(resolve));
+        })(),
+        "the sweep to forget a refilled bucket",
+      );
+    } finally {
+      setSystemTime();
+    }
+  });
+
+  test("a peer's probe (no Fly-Client-IP) is never charged; a request through the proxy that claims to be one is", async () => {
+    const r = relay({ flyAppName: "guess-test", missBurstMisses: 1, missRefillMs: 3_600_000 });
+    const probe = { "x-party-sockets-probe": "peer-1" };
+    for (let i = 0; i < 5; i++) expect((await fetch(`${r.url}/room/nope`, { headers: probe })).status).toBe(404);
+    const forged = { ...probe, "Fly-Client-IP": "203.0.113.9" };
+    expect((await fetch(`${r.url}/room/nope`, { headers: forged })).status).toBe(404);
+    expect((await fetch(`${r.url}/room/nope`, { headers: forged })).status).toBe(429);
+  });
+
+  test("MISS_BURST_MISSES=0 turns the budget off", async () => {
+    const r = relay({ missBurstMisses: 0, rateLimitPerSec: 0 });
+    const c = await TestClient.connect(r.wsUrl);
+    expect(count((await joinMany(c, randomCodes(100))).map((f) => f.code))).toEqual({ room_not_found: 100 });
+    expect(count((await lookupMany(r.url, randomCodes(100))).map((res) => res.status))).toEqual({ 404: 100 });
+  });
+
+  test("/room/<code> tells clients, maxClients, origin and url, and nothing else (no slots, no instance in the body)", async () => {
+    const r = relay({ instanceId: "m-9" });
+    const { host, code } = await createRoom(r, "h", 4, { url: "https://game.example/{room}" });
+    const a = await joinRoom(r, code, "kicked-one");
+    await joinRoom(r, code, "stays");
+    host.send({ type: "kick", index: 1 });
+    await a.client.closeCode();
+    const res = await fetch(`${r.url}/room/${code}`);
+    const body = await res.json();
+    expect(Object.keys(body).sort()).toEqual(["clients", "maxClients", "origin", "url"]);
+    expect(body).toEqual({ clients: 2, maxClients: 4, origin: "unknown", url: `https://game.example/${code}` });
+    expect(res.headers.get("x-instance-id")).toBe("m-9");
+  });
+});
+
 describe("ping", () => {
   test("pong echoes id and carries the server clock", async () => {
     const r = relay();
@@ -848,6 +1236,13 @@ describe("options", () => {
     expect(() => optionsFromEnv({ PORT: "abc" })).toThrow("PORT");
     expect(() => optionsFromEnv({ LOG_LEVEL: "loud" })).toThrow("LOG_LEVEL");
     expect(() => optionsFromEnv({ TLS_CERT_FILE: "a" })).toThrow("TLS");
+    expect(optionsFromEnv({ ALLOWED_ORIGINS: " https://a.example, https://*.b.example ,", ALLOWED_ORIGINS_REQUIRE: "true" })).toEqual({
+      allowedOrigins: ["https://a.example", "https://*.b.example"],
+      allowedOriginsRequire: true,
+    });
+    expect(optionsFromEnv({ ALLOWED_ORIGINS: "", ALLOWED_ORIGINS_REQUIRE: "false" })).toEqual({ allowedOriginsRequire: false });
+    expect(() => optionsFromEnv({ ALLOWED_ORIGINS_REQUIRE: "yes" })).toThrow("ALLOWED_ORIGINS_REQUIRE");
+    expect(optionsFromEnv({ MISS_BURST_MISSES: "5", MISS_REFILL_MS: "1000" })).toEqual({ missBurstMisses: 5, missRefillMs: 1000 });
     expect(DEFAULTS.hostGraceMs).toBe(120_000);
     expect(CLOSES.replaced.code).toBe(4000);
   });

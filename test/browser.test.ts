@@ -293,6 +293,27 @@ describe.skipIf(!haveChromium)("browser client in Chromium", () => {
     expect(stored).toMatch(/^[0-9a-f]{32}$/);
   });
 
+  test("a kicked page (a third tab) ends with `closed` 4004 kicked, stops reconnecting and forgets its clientId", async () => {
+    const kicked = await testPage();
+    const third = await open(kicked, "join", proxy.httpUrl, code, PAGE_OPTIONS);
+    const stored = () => kicked.evaluate((code) => sessionStorage.getItem(`party-sockets:clientId:${code}`), code);
+    expect(await stored()).toMatch(/^[0-9a-f]{32}$/);
+    const requestsBefore = proxy.requests.length;
+    const peerLeftBefore = (await eventsOf(guest, "peer_left")).length;
+    await host.evaluate((index) => (window as unknown as TestWindow).room!.kick(index), third.index);
+    expect(await waitEvents(kicked, "closed", 1)).toEqual([{ code: 4004, reason: "kicked" }]);
+    expect((await waitEvents(guest, "peer_left", peerLeftBefore + 1)).at(-1)).toEqual({ index: third.index });
+    // An observation window longer than the longest retry wait (400 ms): nothing may follow.
+    await Bun.sleep(800);
+    const after = await kicked.evaluate(() => (window as unknown as TestWindow).events.map((e) => e.type));
+    expect(after.at(-1)).toBe("closed");
+    expect(after.filter((t) => t === "reconnecting")).toEqual([]);
+    expect(await roomField(kicked, "status")).toBe("closed");
+    expect(proxy.requests.length).toBe(requestsBefore);
+    expect(await stored()).toBeNull();
+    await kicked.close();
+  });
+
   test("close_room ends both pages with `closed` 4001 and no reconnect", async () => {
     const requestsBefore = proxy.requests.length;
     await host.evaluate(() => (window as unknown as TestWindow).room!.closeRoom());

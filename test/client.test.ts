@@ -660,6 +660,47 @@ describe("terminal closes are never retried", () => {
     expect(guest.status).toBe("closed");
   });
 
+  test("4004 kicked: room.kick(index) ends the guest with `closed` 4004 \"kicked\", no reconnect, its clientId forgotten", async () => {
+    const storage = memoryStorage();
+    const { host, guest, hostEvents, guestEvents } = await hostAndGuest({ guest: { storage } });
+    expect(storage.map.size).toBe(1);
+    expect(host.kick(guest.index)).toBe(true);
+    expect(await guestEvents.next("closed")).toEqual({ code: 4004, reason: "kicked" });
+    expect(await hostEvents.next("peer_left")).toEqual({ index: guest.index });
+    expect(guestEvents.of("reconnecting")).toEqual([]);
+    expect(guest.status).toBe("closed");
+    expect(guest.send("x")).toBe(false);
+    expect(storage.map.size).toBe(0);
+  });
+
+  test("kicked while away: the rejoin is answered `kicked` and ends with `closed` 4004 \"kicked\"", async () => {
+    const p = proxy();
+    const storage = memoryStorage();
+    const { host, guest, hostEvents, guestEvents } = await hostAndGuest({ guestVia: p, guest: { storage } });
+    p.refusing = true;
+    p.cut();
+    await guestEvents.next("reconnecting");
+    host.kick(guest.index);
+    host.kick(99); // answered after the kick above: its error proves the kick is done
+    expect(await hostEvents.next("error")).toMatchObject({ code: "target_not_found" });
+    p.refusing = false;
+    expect(await guestEvents.next("closed")).toEqual({ code: 4004, reason: "kicked" });
+    expect(guestEvents.types().at(-1)).toBe("closed");
+    expect(guest.status).toBe("closed");
+    expect(storage.map.size).toBe(0);
+  });
+
+  test("a joinRoom with a kicked clientId rejects with `kicked` and forgets the stored clientId", async () => {
+    const storage = memoryStorage();
+    const { host, guest, guestEvents } = await hostAndGuest({ guest: { clientId: "troll" } });
+    host.kick(guest.index);
+    await guestEvents.next("closed");
+    storage.setItem(`party-sockets:clientId:${host.code}`, "troll");
+    const error = await rejection(joinRoom(relay.wsUrl, host.code, { storage }));
+    expect(error.code).toBe("kicked");
+    expect(storage.map.size).toBe(0);
+  });
+
   test("room_not_found on a rejoin ends with `closed` 4001 \"room not found\"", async () => {
     const p = proxy();
     const storage = memoryStorage();

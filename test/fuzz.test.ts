@@ -32,8 +32,10 @@ const WEIRD_VALUES: readonly unknown[] = [
   "\ud800", "\udfff", "🎉", "\u2028", "x".repeat(200), [], [null], [1, 2, 3], {}, { __proto__: { polluted: true } },
   { constructor: { prototype: { polluted: true } } }, { toString: 1 }, { valueOf: "x" },
 ];
-const TYPES = ["create", "join", "send", "set_state", "close_room", "leave", "ping", "nope", "", "CREATE", "__proto__", "toString"];
-const FIELDS = ["type", "clientId", "maxClients", "room", "data", "to", "url", "id", "__proto__", "constructor"];
+const TYPES = ["create", "join", "send", "set_state", "close_room", "leave", "ping", "kick", "nope", "", "CREATE", "__proto__", "toString"];
+const FIELDS = ["type", "clientId", "maxClients", "room", "data", "to", "url", "id", "index", "__proto__", "constructor"];
+/** The first TYPES entry that is no message type. */
+const FIRST_UNKNOWN_TYPE = TYPES.indexOf("nope");
 
 function deepNest(rng: Rng): string {
   const depth = 10 + rng.int(3000);
@@ -70,6 +72,7 @@ function validish(rng: Rng, code: string): Record<string, unknown> {
     { type: "leave" },
     { type: "close_room" },
     { type: "ping", id: rng.int(99) },
+    { type: "kick", index: rng.int(6) },
   ]);
 }
 
@@ -96,12 +99,12 @@ function hostileFrame(rng: Rng, code: string): { frame: string | Uint8Array; mus
   if (roll < 0.36) return { frame: deepNest(rng), mustError: false };
   if (roll < 0.39) return { frame: spliceBait(rng), mustError: false };
   if (roll < 0.41) return { frame: badUrlCreate(rng), mustError: true };
-  if (roll < 0.44) return { frame: JSON.stringify({ type: rng.pick(TYPES.slice(7)), data: 1 }), mustError: true };
+  if (roll < 0.44) return { frame: JSON.stringify({ type: rng.pick(TYPES.slice(FIRST_UNKNOWN_TYPE)), data: 1 }), mustError: true };
   if (roll < 0.75) return { frame: JSON.stringify(mutate(rng, validish(rng, code))), mustError: false };
   return { frame: JSON.stringify(validish(rng, code)), mustError: false };
 }
 
-const DOCUMENTED_CLOSES = new Set([1000, 1001, 1008, 1009, 4000, 4001, 4002, 4003]);
+const DOCUMENTED_CLOSES = new Set([1000, 1001, 1008, 1009, 4000, 4001, 4002, 4003, 4004]);
 const KNOWN_TYPES = new Set(["created", "joined", "peer_joined", "peer_left", "message", "state", "left", "pong", "error"]);
 
 const relay = testRelay({ maxMessageBytes: MAX_MESSAGE_BYTES, rateLimitPerSec: 0, logLevel: "warn" });
@@ -199,6 +202,39 @@ test(`seed ${SEED}: ${HOSTILE_SOCKETS} x ${FRAMES_PER_SOCKET} hostile frames; th
   expect(stats.frames).toBe(HOSTILE_SOCKETS * FRAMES_PER_SOCKET);
   expect(heapGrowthMb).toBeLessThan(64);
 }, 60_000);
+
+test(`seed ${SEED}: kick with hostile index values from the real host: target_not_found each time, nobody removed`, async () => {
+  const rng = prng(SEED);
+  const { host, code } = await createRoom(relay, "kick-host", 8);
+  const guests = await Promise.all([1, 2, 3].map((i) => joinRoom(relay, code, `kick-guest-${i}`)));
+  const hostileIndexes = [
+    ...WEIRD_VALUES.filter((v) => !(typeof v === "number" && Number.isInteger(v) && v >= 1 && v <= 3)),
+    ...Array.from({ length: 200 }, () =>
+      rng.pick([
+        () => 4 + rng.int(2 ** 31),
+        () => -1 - rng.int(2 ** 31),
+        () => rng.int(4) + rng.next(),
+        () => String(rng.int(4)),
+        () => [rng.int(4)],
+        () => ({ index: rng.int(4) }),
+        () => 2 ** (31 + rng.int(1000)),
+      ])(),
+    ),
+  ];
+  for (const index of hostileIndexes) {
+    host.send(`{"type":"kick","index":${JSON.stringify(index) ?? "null"}}`);
+    expect((await host.next("error")).code).toBe("target_not_found");
+  }
+  // Hand-written frames JSON.stringify cannot make: the raw text is what the relay parses.
+  for (const raw of ["-0", "-1e-400", "1e400", "4e0", "0.5e1", "01", "NaN", "Infinity", "0x1", '"1"', "true"]) {
+    host.send(`{"type":"kick","index":${raw}}`);
+    const answer = await host.next("error");
+    expect(["target_not_found", "invalid_json"]).toContain(answer.code);
+  }
+  for (const { client } of guests) expect(client.ws.readyState).toBe(WebSocket.OPEN);
+  host.send({ type: "send", data: "everyone still here" });
+  for (const { client } of guests) expect((await client.next("message")).data).toBe("everyone still here");
+});
 
 test("invalid UTF-8 in a text frame is closed by Bun with 1007 and the relay lives on", async () => {
   const raw = await RawClient.connect(relay.port);

@@ -140,6 +140,28 @@ export async function joinRoom(relay: Relay, code: string, clientId = "guest-" +
   return { client, joined, clientId };
 }
 
+/** The HTTP status a WebSocket upgrade request with these headers gets (raw TCP: any status, no upgrade kept). */
+export async function upgradeStatus(port: number, headers: Record<string, string> = {}, path = "/"): Promise<number> {
+  let answered!: (status: number) => void;
+  const status = new Promise<number>((resolve) => (answered = resolve));
+  const socket = await Bun.connect({
+    hostname: "127.0.0.1",
+    port,
+    socket: {
+      data(s, chunk) {
+        answered(Number(chunk.toString("latin1").split(" ")[1]));
+        s.end();
+      },
+    },
+  });
+  const extra = Object.entries(headers).map(([name, value]) => `${name}: ${value}\r\n`).join("");
+  socket.write(
+    `GET ${path} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+      `Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n${extra}\r\n`,
+  );
+  return within(status, `an answer to the upgrade request on port ${port}`);
+}
+
 /**
  * A hand-rolled RFC 6455 client over a raw TCP socket, for what a browser
  * cannot do: stop reading (slow consumer), ignore pings (dead phone), send

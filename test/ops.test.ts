@@ -49,6 +49,8 @@ const CONTRACT_METRICS = [
   "party_sockets_errors_total",
   "party_sockets_closes_total",
   "party_sockets_rate_limited_frames_total",
+  "party_sockets_lookups_refused_total",
+  "party_sockets_origin_refusals_total",
   "party_sockets_probes_total",
   "party_sockets_replays_total",
 ] as const;
@@ -62,6 +64,8 @@ const LOG_EVENTS = new Set([
   "drain_end",
   "probe_failed",
   "abuse_close",
+  "member_kicked",
+  "origin_refused",
   "http_error",
 ]);
 const LOG_LEVELS = new Set(["debug", "info", "warn", "error"]);
@@ -836,6 +840,8 @@ describe("log lines (LOG_LEVEL=debug, a relay process with real traffic)", () =>
         FLY_APP_NAME: "ops-logs-app",
         DNS_SERVER: `127.0.0.1:${freePort()}`,
         PROBE_TIMEOUT_MS: "1000",
+        // Admits the test clients (they send no Origin), refuses the intruder below.
+        ALLOWED_ORIGINS: "https://party.example",
       },
       "relay (server.ts)",
     );
@@ -844,6 +850,10 @@ describe("log lines (LOG_LEVEL=debug, a relay process with real traffic)", () =>
     const url = `ws://127.0.0.1:${port}`;
     // A room closed by its host...
     const first = await roundTrip(url);
+    // A kick, then the host closes the room.
+    first.host.send({ type: "kick", index: 1 });
+    expect((await first.guest.closed).code).toBe(4004);
+    await child.waitForLog((e) => e.event === "member_kicked", 5000, "member_kicked");
     first.host.send({ type: "close_room" });
     await first.host.closed;
     await child.waitForLog((e) => e.event === "room_closed", 5000, "room_closed after close_room");
@@ -863,6 +873,10 @@ describe("log lines (LOG_LEVEL=debug, a relay process with real traffic)", () =>
     abuser.send(oversized);
     expect((await abuser.closed).code).toBe(1009);
     await child.waitForLog((e) => e.event === "abuse_close", 5000, "abuse_close after an oversized frame");
+    // A page of another site.
+    const intruder = await fetch(`http://127.0.0.1:${port}/`, { headers: { Upgrade: "websocket", Connection: "Upgrade", Origin: "https://intruder.example" } });
+    expect(intruder.status).toBe(403);
+    await child.waitForLog((e) => e.event === "origin_refused", 5000, "origin_refused");
     // A lookup of a room of this region that is gone: peers are probed (and discovery fails).
     probeAnswer = (await fetch(`http://127.0.0.1:${port}/room/${first.room}`)).status;
     secrets.push(...first.clientIds, ...second.clientIds, abuserId, first.marker, second.marker);
@@ -901,7 +915,7 @@ describe("log lines (LOG_LEVEL=debug, a relay process with real traffic)", () =>
   test("the lifecycle is logged: start, room_created, room_closed with a reason, abuse_close, drain_start, drain_end", () => {
     const entries = child.lines.filter((l) => l !== "").map((l) => JSON.parse(l) as Record<string, unknown>);
     const events = entries.map((e) => e.event);
-    for (const required of ["start", "room_created", "room_closed", "abuse_close", "drain_start", "drain_end"]) {
+    for (const required of ["start", "room_created", "room_closed", "member_kicked", "abuse_close", "origin_refused", "drain_start", "drain_end"]) {
       expect(events).toContain(required);
     }
     expect(entries.find((e) => e.event === "start")!.level).toBe("info");
@@ -909,6 +923,8 @@ describe("log lines (LOG_LEVEL=debug, a relay process with real traffic)", () =>
     for (const c of closed) expect(typeof c.reason).toBe("string");
     expect(new Set(closed.map((c) => c.reason)).size).toBe(2); // host close vs. emptied
     expect(entries.find((e) => e.event === "abuse_close")).toMatchObject({ code: 1009 });
+    expect(entries.find((e) => e.event === "member_kicked")).toMatchObject({ index: 1 });
+    expect(entries.find((e) => e.event === "origin_refused")).toMatchObject({ origin: "https://intruder.example", reason: "not_listed" });
   });
 
   test("a failed peer probe is logged as probe_failed, and the lookup still answers", () => {
