@@ -68,17 +68,27 @@ interface Streamer {
   /** Per sender name, the numbers received in arrival order. */
   got: Map<string, number[]>;
   arrivals: number[];
-  send(data: unknown): void;
+  /** Starts sending (once everyone is in: a number sent before a member joined never reaches it). */
+  start(): void;
   stop(): void;
 }
 
 function stream(name: string, send: (data: unknown) => void, ready: () => boolean = () => true): Streamer {
-  const s: Streamer = { name, sent: 0, got: new Map(), arrivals: [], send, stop: () => clearInterval(timer) };
-  const timer = setInterval(() => {
-    if (!ready()) return;
-    s.sent++;
-    send({ k: name, i: s.sent });
-  }, SEND_EVERY_MS);
+  let timer: Timer | undefined;
+  const s: Streamer = {
+    name,
+    sent: 0,
+    got: new Map(),
+    arrivals: [],
+    start() {
+      timer ??= setInterval(() => {
+        if (!ready()) return;
+        s.sent++;
+        send({ k: name, i: s.sent });
+      }, SEND_EVERY_MS);
+    },
+    stop: () => clearInterval(timer),
+  };
   return s;
 }
 
@@ -320,6 +330,8 @@ describe("SIGTERM hands each room to the region's other machine", () => {
       ["a frame from a slot that does not exist", () => transferBody({ frames: [{ seq: 1, ageMs: 0, from: 9, to: -1, frame: '{"type":"message","from":9,"seq":1}' }] }), 400],
       ["a malformed lost record", () => transferBody({ lost: { broadcastSeq: "x" } }), 400],
       ["a host grace past HOST_GRACE_MS", () => transferBody({ hostGraceMs: 10 ** 9 }), 400],
+      ["a kicked host", () => transferBody({ slots: [{ clientId: "a", since: 0, kicked: true }] }), 400],
+      ["a kicked flag not a boolean", () => transferBody({ slots: [{ clientId: "a", since: 0 }, { clientId: "b", since: 0, kicked: 1 }] }), 400],
     ];
     test.each(hostile)("%s is refused (4xx)", async (_, body, status) => {
       const res = await post("h2", body());
@@ -350,7 +362,7 @@ describe("SIGTERM hands each room to the region's other machine", () => {
   });
 
   /** One hand-off with a host, two /client.js players and a raw Party-Sockets client; returns the pauses seen. */
-  async function runHandOff(run: number): Promise<number[]> {
+  async function runHandOff(run: number): Promise<{ pauses: number[]; gaps: number[] }> {
     const host = member("host", await createRoom(cluster.proxy.url, { maxClients: 8, ...CLIENT }));
     const code = host.room.code;
     const from = host.room.instance;
@@ -362,14 +374,22 @@ describe("SIGTERM hands each room to the region's other machine", () => {
     const everyone = [...members, raw.streamer];
     const slotsBefore = members.map((m) => m.room.index);
     await changes.until(() => raw.joined, "the raw client's join");
+    for (const s of everyone) s.start();
 
     // In the first run a second room stays behind: its code is already held by the peer (a
     // forged transfer), so the peer refuses it (409) and the old machine keeps draining it
     // while it answers for the moved room with a fly-replay.
     let stay: { host: TestClient; code: string } | undefined;
+    let kicked: string | undefined;
     if (run === 0) {
       stay = await rawHost(cluster, from);
       expect((await post(to, transferBody({ code: stay.code }))).status).toBe(201);
+      // A kicked slot stays barred on the new machine.
+      kicked = `kicked-${crypto.randomUUID()}`;
+      const victim = await TestClient.connect(`${cluster.proxy.wsUrl}/${code}`);
+      victim.send({ type: "join", clientId: kicked, room: code });
+      host.room.kick((await victim.next("joined")).index);
+      expect((await victim.closeCode()).code).toBe(4004);
     }
 
     const streamed = (n: number) => () => everyone.every((r) => everyone.every((s) => s === r || (r.got.get(s.name)?.length ?? 0) >= n));
@@ -382,6 +402,14 @@ describe("SIGTERM hands each room to the region's other machine", () => {
     expect(members.map((m) => m.room.index)).toEqual(slotsBefore);
     expect(raw.instance).toBe(to);
     expect(raw.closes).toEqual([4005]);
+    // `moved` named the peer: /client.js went straight there, pinned.
+    expect(cluster.proxy.hops.filter((h) => h.path === `/${code}?instance=${to}` && h.via === "edge").length).toBeGreaterThanOrEqual(3);
+    if (kicked) {
+      const again = await TestClient.connect(`${cluster.proxy.wsUrl}/${code}`);
+      again.send({ type: "join", clientId: kicked, room: code });
+      expect((await again.error("kicked")).code).toBe("kicked");
+      again.close();
+    }
 
     if (stay) {
       // The old machine is alive (draining the room that stayed) and sends the moved code on.
@@ -405,7 +433,10 @@ describe("SIGTERM hands each room to the region's other machine", () => {
     await changes.until(
       () => members.every((r) => members.every((s) => s === r || (r.got.get(s.name)?.length ?? 0) >= last.get(s.name)!) && (r.got.get("raw")?.length ?? 0) >= rawDelivered()),
       "every number at every /client.js member",
-    );
+    ).catch((err) => {
+      const seen = members.map((r) => `${r.name}: ${[...r.got].map(([k, v]) => `${k} ${v.length}/${last.get(k)} [${v.slice(-4)}] dup=${v.length - new Set(v).size}`).join(", ")}`);
+      throw new Error(`${err.message}; refused raw ${raw.refused}; ${seen.join(" | ")}`);
+    });
     for (const r of members) {
       for (const s of members) if (s !== r) expect(exactlyOnceInOrder(r.got.get(s.name), last.get(s.name)!)).toBe(true);
       expectRawAccounted(r, raw);
@@ -417,6 +448,7 @@ describe("SIGTERM hands each room to the region's other machine", () => {
     expect(info.headers.get("x-instance-id")).toBe(to);
     expect(await exitCode(cluster, from)).toBe(0);
     expect(logged(cluster, to, "room_adopted", { room: code, peer: from })).toBe(true);
+    expect(await (await fetch(`${address(to)}/metrics`)).text()).toMatch(/party_sockets_rooms_adopted_total\{[^}]*\} [1-9]/);
     // ClientIds are bearer secrets: never in a log line, on either machine.
     for (const id of [from, to]) expect(cluster.logs.get(id)!.filter((line) => line.includes(raw.clientId) || line.includes("t-player"))).toEqual([]);
 
@@ -426,19 +458,26 @@ describe("SIGTERM hands each room to the region's other machine", () => {
     for (const m of members) m.room.leave();
     raw.close();
     await cluster.restart(from);
-    return gaps;
+    return { pauses, gaps };
   }
 
   test("host, two /client.js players and a raw Party-Sockets client end on the peer: same code and slots, every number once and in order; the old process exits 0", async () => {
+    const pauses: number[] = [];
     const gaps: number[] = [];
-    for (let run = 0; run < 3; run++) gaps.push(...(await runHandOff(run)));
-    console.log(`pause a player saw (longest gap between messages, ${gaps.length} samples): p50 ${percentile(gaps, 0.5).toFixed(0)} ms, max ${Math.max(...gaps).toFixed(0)} ms`);
+    for (let run = 0; run < 3; run++) {
+      const seen = await runHandOff(run);
+      pauses.push(...seen.pauses);
+      gaps.push(...seen.gaps);
+    }
+    const summary = (values: number[]) => `p50 ${percentile(values, 0.5).toFixed(0)} ms, max ${Math.max(...values).toFixed(0)} ms`;
+    console.log(`pause a /client.js member saw over ${pauses.length} moves: moved -> reconnected ${summary(pauses)}; longest gap between messages (20 Hz senders) ${summary(gaps)}`);
   }, 60_000);
 
   test("no peer in the region (x1 is alone in nrt): the room stays and drains as before, nothing lost", async () => {
     const { host, code } = await rawHost(cluster, "x1");
     const p1 = member("p1", await joinRoom(cluster.proxy.url, code, CLIENT));
     const p2 = member("p2", await joinRoom(cluster.proxy.url, code, CLIENT));
+    for (const p of [p1, p2]) p.start();
     await changes.until(() => (p1.got.get("p2")?.length ?? 0) >= 3 && (p2.got.get("p1")?.length ?? 0) >= 3, "numbers both ways");
     cluster.procs.get("x1")!.kill("SIGTERM");
     await eventually(() => logged(cluster, "x1", "handoff_failed", { room: code, reason: "no_peer" }), "handoff_failed no_peer");
@@ -468,7 +507,9 @@ async function startGame(cluster: Cluster, machine: string): Promise<Game> {
   const { host, code } = await rawHost(cluster, machine);
   const players = [member("p1", await joinRoom(cluster.proxy.url, code, CLIENT)), member("p2", await joinRoom(cluster.proxy.url, code, CLIENT))];
   const raw = new PartySocketsClient(cluster, code);
-  await changes.until(() => raw.joined && players.every((p) => (p.got.get(p.name === "p1" ? "p2" : "p1")?.length ?? 0) >= 3), "the game under way");
+  await changes.until(() => raw.joined, "the raw client's join");
+  for (const s of [...players, raw.streamer]) s.start();
+  await changes.until(() => players.every((p) => (p.got.get(p.name === "p1" ? "p2" : "p1")?.length ?? 0) >= 3), "the game under way");
   return { cluster, machine, host, code, players, raw };
 }
 
@@ -553,14 +594,20 @@ describe("faults: a frozen peer (timeout), then a draining peer (503)", () => {
     await eventually(() => logged(cluster, "f2", "handoff_failed", { room: stays.code, reason: "timeout" }), "f2's offer to the frozen f1 timing out", 5000);
     await eventually(() => logged(cluster, "f2", "handoff_failed", { room: stays.code, reason: "no_peer" }), "f2 keeping its room");
     cluster.procs.get("f1")!.kill("SIGCONT");
-    // The room was frozen for the whole timeout while everyone streamed at 20 Hz.
-    const { refused } = await finishGame(stays);
-    expect(refused).toBeGreaterThan(0);
 
-    // f1 drains next; its only peer, f2, is draining too (or gone): refused, so no room passes back.
+    // f1 drains too while f2 still does: f2 refuses with 503, so no room passes back and forth.
     cluster.procs.get("f1")!.kill("SIGTERM");
+    await eventually(() => logged(cluster, "f1", "handoff_failed", { room: other.code, peer: "f2", reason: "503" }), "f2 refusing f1's room");
     await eventually(() => logged(cluster, "f1", "handoff_failed", { room: other.code, reason: "no_peer" }), "f1 keeping its room");
     expect(logged(cluster, "f2", "room_adopted")).toBe(false);
+    const metrics = await (await fetch(`http://127.0.0.9:${cluster.port}/metrics`)).text();
+    expect(metrics).toMatch(/party_sockets_handoffs_total\{[^}]*result="failed"\} [1-9]/);
+    expect(metrics).toMatch(/party_sockets_handoffs_total\{[^}]*result="no_peer"\} [1-9]/);
+    expect(metrics).toMatch(/party_sockets_errors_total\{[^}]*code="moving"\} [1-9]/);
+
+    // The room on f2 was frozen for the whole timeout while everyone streamed at 20 Hz.
+    const { refused } = await finishGame(stays);
+    expect(refused).toBeGreaterThan(0);
     await finishGame(other);
   }, 40_000);
 });
