@@ -31,7 +31,9 @@ EXPOSE 8080
 # The relay drains on SIGTERM: new creates are refused, live rooms play on, and
 # the process exits 0 when the last room closes (or after DRAIN_TIMEOUT_MS,
 # closing the rest with 1001). Give `docker stop` that long: --stop-timeout /
-# `docker stop -t`, Docker's own default is only 10 s.
+# `docker stop -t`, Docker's own default is only 10 s. With PEER_SECRET in the
+# environment (pass it at run time, `-e PEER_SECRET=…`; never bake it in) and
+# FLY_APP_NAME set, the rooms are handed to a peer first and the exit is quick.
 STOPSIGNAL SIGTERM
 # busybox wget ships in alpine; it exits non-zero on a refused connection, a
 # timeout or any non-2xx answer.

@@ -53,6 +53,10 @@ const CONTRACT_METRICS = [
   "party_sockets_origin_refusals_total",
   "party_sockets_probes_total",
   "party_sockets_replays_total",
+  "party_sockets_handoffs_total",
+  "party_sockets_rooms_adopted_total",
+  "party_sockets_handoff_seconds_sum",
+  "party_sockets_handoff_seconds_count",
 ] as const;
 
 /** The log events the README documents; no other `event` may appear. */
@@ -66,6 +70,9 @@ const LOG_EVENTS = new Set([
   "abuse_close",
   "member_kicked",
   "origin_refused",
+  "room_moved",
+  "room_adopted",
+  "handoff_failed",
   "http_error",
 ]);
 const LOG_LEVELS = new Set(["debug", "info", "warn", "error"]);
