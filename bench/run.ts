@@ -4,7 +4,7 @@
 //   bun run bench/run.ts --quick    a few seconds per scenario, for development
 //
 // Options: --reps N, --warmup S, --duration S, --idle-conns N, --data-bytes N (size of the
-// relayed data object, default 120), --scenarios a,b,…, --servers ours,ours-rl,floor,floor-wrap,
+// relayed data object, default 120), --scenarios a,b,…, --servers ours,ours-rl,ours-n,floor,floor-wrap,
 // --out DIR.
 //
 // For every repetition and scenario it starts each server fresh as a child process
@@ -28,6 +28,8 @@ interface ServerKind {
   cmd: string[];
   env: Record<string, string>;
   scenarios: readonly Scenario[];
+  /** Extra load generator flags for this kind. */
+  loadArgs?: string[];
 }
 
 const CLOSED_AND_CHURN: readonly Scenario[] = ["fanout-closed", "targeted-closed", "churn"];
@@ -46,6 +48,14 @@ const SERVERS: ServerKind[] = [
     cmd: ["bun", "run", "server.ts"],
     env: { LOG_LEVEL: "warn", RATE_LIMIT_PER_SEC: "1000000", RATE_LIMIT_BURST: "1000000", ...LIMITS_OFF },
     scenarios: CLOSED_AND_CHURN,
+  },
+  {
+    name: "ours-n",
+    what: "ours, with every send numbered (`n`, lossless sends) as the browser client sends it: ours-n / ours is what numbering costs the hot path",
+    cmd: ["bun", "run", "server.ts"],
+    env: { LOG_LEVEL: "warn", RATE_LIMIT_PER_SEC: "0", ...LIMITS_OFF },
+    scenarios: ["fanout-busy", "fanout-closed", "targeted-closed"],
+    loadArgs: ["--numbered", "1"],
   },
   {
     name: "floor",
@@ -196,6 +206,7 @@ async function runOne(o: RunOptions, kind: ServerKind, scenario: Scenario, rep: 
       "--data-bytes", String(o.dataBytes),
       "--gen-core", String(cores.gen),
       "--server-core", String(cores.server),
+      ...(kind.loadArgs ?? []),
     ];
     const gen = Bun.spawn(pinned(cores.gen, args), { cwd: REPO, stdout: "pipe", stderr: "pipe" });
     const budgetMs = (o.warmupS + o.durationS + 120) * 1000;
