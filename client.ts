@@ -35,7 +35,6 @@ import type {
   JoinedMessage,
   SendMessage,
   ServerMessage,
-  SetStateMessage,
 } from "./protocol.ts";
 
 // ------------------------------------------------------------------------------- options
@@ -733,7 +732,7 @@ export class Room extends EventTarget {
 
   // ----------------------------------------------------------------- frames out
 
-  #sendOrQueue(frame: SendMessage | SetStateMessage | ClientMessage): boolean {
+  #sendOrQueue(frame: ClientMessage): boolean {
     if (this.#phase === "closed" || this.#phase === "leaving") return false;
     const kind = frame.type === "set_state" || frame.type === "close_room" ? frame.type : undefined;
     // Assigned in place, so `n` keeps the position the caller gave it (undefined: not on the wire).
