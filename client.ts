@@ -25,6 +25,9 @@
 // - Deploys: a relay that hands its room to a peer answers sends with `moving` while the room is
 //   in flight, then sends `moved` and closes 4005. The refused sends go back to the front of the
 //   queue, and the client follows at once (no backoff) to `/<code>?instance=<peer>` with resume.
+// - Lossless sends, the other way: every `send`/`setState` carries `n`, this Room's own counter;
+//   a frame is kept until the relay's `received` (on `pong` and `joined`) covers it, and what a
+//   dead link swallowed is resent after the rejoin, where the relay drops what it already had.
 
 import type {
   CLOSES,
@@ -34,6 +37,7 @@ import type {
   ErrorCode,
   JoinMessage,
   JoinedMessage,
+  SendMessage,
   ServerMessage,
 } from "./protocol.ts";
 
@@ -53,7 +57,7 @@ export interface ClientTimings {
   pingIntervalMs: number;
   /** With a ping outstanding, this long without receiving any frame means the link is dead. */
   pongTimeoutMs: number;
-  /** Sends queued while offline: at most this many (past it the oldest is dropped)... */
+  /** Sends queued while offline, with those a dead link left unconfirmed: at most this many (past it the oldest is dropped)... */
   queueMaxMessages: number;
   /** ...and none older than this when the queue is flushed (older ones are dropped). */
   queueMaxAgeMs: number;
@@ -71,8 +75,9 @@ export const CLIENT_DEFAULTS: Readonly<ClientTimings> = Object.freeze({
   // A dead link is noticed 3-6 s after it died (one interval + one timeout at most).
   pingIntervalMs: 3000,
   pongTimeoutMs: 3000,
-  // 100 messages in 10 s covers a player tapping through a few seconds of outage; a longer
-  // outage makes old inputs meaningless to a live game, so they are dropped, not replayed.
+  // 100 messages in 10 s covers a player tapping through a few seconds of outage (at 20 Hz: 5 s
+  // of sends, counted from the last confirmed one); a longer outage makes old inputs meaningless
+  // to a live game, so they are dropped, not replayed.
   queueMaxMessages: 100,
   queueMaxAgeMs: 10_000,
 });
@@ -116,7 +121,8 @@ export type ClientErrorCode =
   | "connect_failed" // the socket closed before `created`/`joined` (detail in the message)
   | "connect_timeout" // no `created`/`joined` within connectTimeoutMs
   | "queue_overflow" // an offline send pushed out the oldest queued one
-  | "queue_expired"; // queued sends older than queueMaxAgeMs were dropped at flush time
+  | "queue_expired" // queued sends older than queueMaxAgeMs were dropped at flush time
+  | "unconfirmed_dropped"; // sends a dead link left unconfirmed were past the queue's bounds: not resent, may or may not have arrived
 
 export type RoomErrorCode = ErrorCode | ClientErrorCode;
 
@@ -280,6 +286,14 @@ function defaultDocument(): CommonOptions["documentTarget"] {
 
 // ---------------------------------------------------------------------------------- room
 
+/**
+ * With this share of queueMaxMessages sent and unconfirmed, the client pings at once instead of
+ * waiting for the heartbeat, so the relay's `received` comes back sooner. Without it, a link that
+ * dies leaves interval + timeout (6 s) of sends unconfirmed when it is noticed: at 20 Hz 120
+ * frames, past the 100 the queue keeps. With it: 25 + 3 s × 20 = 85, and room for the rejoin.
+ */
+const CONFIRM_AT_QUEUE_SHARE = 1 / 4;
+
 /** Module-private: only createRoom/joinRoom start a Room. */
 const START = Symbol("start");
 
@@ -307,6 +321,10 @@ interface Queued {
    * `room.state` (or the room's end) already counts on it. A newer `set_state` replaces an older one.
    */
   kind?: "set_state" | "close_room";
+  /** The frame's `n` (lossless sends), when the relay numbers. */
+  n?: number;
+  /** Went out on a connection that died before the relay confirmed it: it may have arrived. */
+  unconfirmed?: boolean;
 }
 
 /** A member's view of one room. Create with `createRoom` / `joinRoom`. */
@@ -343,7 +361,17 @@ export class Room extends EventTarget {
   #pending: Pending | null = null;
   #attempt = 0;
   #joinedAtMs = -1;
+  /** Frames waiting for a connection, oldest first: after a loss, the unconfirmed ones lead. */
   #queue: Queued[] = [];
+  /** Numbered frames sent on the current connection that no `received` covers yet, oldest first. */
+  #unconfirmed: Queued[] = [];
+  /** Lossless sends: whether the relay numbers (its `created`/`joined` carry `seq`). */
+  #numbering = false;
+  /** The last `n` given to a frame; the relay's `received` can only raise it. */
+  #lastN = 0;
+  /** The last `n` sent on the current connection, and its value when the outstanding ping went out. */
+  #lastSentN = 0;
+  #pingCoversN = 0;
   /** Highest `seq` delivered to the game (undefined: the relay does not number frames). */
   #lastSeq: number | undefined = undefined;
   /** Right after a `joined` that did not resume: the `state` replay is a snapshot, whatever its seq. */
@@ -357,10 +385,6 @@ export class Room extends EventTarget {
   #pingTimer: ReturnType<typeof setInterval> | undefined;
   #pongTimer: ReturnType<typeof setTimeout> | undefined;
   #leaveDone: (() => void) | null = null;
-  /** Room frames sent on this socket, newest last (bounded by queueMaxMessages): `moving` refuses a tail of them. */
-  #sentLog: Queued[] = [];
-  /** `moving` errors on this socket not yet matched to the frames they refused. */
-  #refused = 0;
   /** The room is moving: sends queue until it moved (or stayed). */
   #held = false;
   /** The ping after the first `moving`: once it is answered, every refusal before it has arrived. */
@@ -391,9 +415,9 @@ export class Room extends EventTarget {
     return this.#phase === "connected" || this.#phase === "leaving" ? "connected" : "reconnecting";
   }
 
-  /** Sends queued while offline, waiting for the rejoin. */
+  /** Sends queued while offline, waiting for the rejoin (not counting resends of unconfirmed ones). */
   get queuedCount(): number {
-    return this.#queue.length;
+    return this.#queue.filter((q) => !q.unconfirmed).length;
   }
 
   // ----------------------------------------------------------------- typed events
@@ -438,7 +462,8 @@ export class Room extends EventTarget {
    * closed, and offline when queueMaxMessages is 0 (the send is dropped with a queue_overflow error).
    */
   send(data: unknown, to?: number | number[]): boolean {
-    const frame: ClientMessage = to === undefined ? { type: "send", data } : { type: "send", data, to };
+    // Field order is wire order: `n` right before `data` is the shape the relay's fast path reads.
+    const frame: SendMessage = to === undefined ? { type: "send", n: undefined, data } : { type: "send", to, n: undefined, data };
     return this.#sendOrQueue(frame);
   }
 
@@ -446,7 +471,7 @@ export class Room extends EventTarget {
   setState(data: unknown): boolean {
     if (this.#phase === "closed") return false;
     this.state = data;
-    return this.#sendOrQueue({ type: "set_state", data });
+    return this.#sendOrQueue({ type: "set_state", n: undefined, data });
   }
 
   /** Host only: end the room for everyone (each member, this one too, gets `closed` 4001). */
@@ -504,8 +529,6 @@ export class Room extends EventTarget {
 
   #connect(url: string, first: ClientMessage): void {
     this.#phase = "handshake";
-    this.#sentLog = [];
-    this.#refused = 0;
     this.#held = false;
     this.#movingBarrier = undefined;
     let ws: WebSocket;
@@ -551,8 +574,6 @@ export class Room extends EventTarget {
     clearTimeout(this.#connectTimer);
     clearTimeout(this.#movingRetryTimer);
     this.#stopHeartbeat();
-    // The relay sent every `moving` before closing: the refused sends are known now.
-    if (this.#refused > 0) this.#requeueRefused();
     if (this.#pending) {
       this.#fail("connect_failed", `the relay closed the connection (${code}${reason ? ` ${reason}` : ""})`);
     } else if (this.#phase === "leaving") {
@@ -570,6 +591,7 @@ export class Room extends EventTarget {
   /** The connection is gone but the slot is not: reject a first attempt, else retry. */
   #connectionLost(cause: string): void {
     this.#dropSocket();
+    this.#requeueUnconfirmed();
     if (this.#pending) {
       const code: ClientErrorCode = cause === "connect_timeout" ? "connect_timeout" : "connect_failed";
       this.#fail(code, cause === code ? "no reply from the relay in time" : cause);
@@ -588,6 +610,8 @@ export class Room extends EventTarget {
 
   /** 4005: the room lives on `instance` now (set by `moved`); go there at once, no backoff. */
   #followMove(): void {
+    // Sends refused with `moving` are unconfirmed: they go out again on the peer, above `joined.received`.
+    this.#requeueUnconfirmed();
     this.#joinedAtMs = -1;
     this.#phase = "waiting";
     this.#emit("reconnecting", { attempt: this.#attempt, delayMs: 0, cause: "moved" });
@@ -620,6 +644,7 @@ export class Room extends EventTarget {
     clearTimeout(this.#retryTimer);
     this.#removeLifecycleListeners();
     this.#queue = [];
+    this.#unconfirmed = [];
     // 4000: another tab/device now owns the slot with this clientId; it stays stored for it.
     if (code !== CLOSE_REPLACED && this.#storeClientId && this.code) storeRemove(this.#store, this.code, this.#clientId);
     this.#emit("closed", { code, reason });
@@ -661,8 +686,8 @@ export class Room extends EventTarget {
         this.#emit("peer_left", { index: msg.index });
         return;
       case "pong":
-        if (this.#movingBarrier !== undefined && msg.id === this.#movingBarrier) return this.#onMovingBarrier();
-        return this.#onPong(msg.id, msg.t);
+        if (this.#movingBarrier !== undefined && msg.id === this.#movingBarrier) return this.#onMovingBarrier(msg.received);
+        return this.#onPong(msg.id, msg.t, msg.received);
       case "moved":
         if (typeof msg.instance === "string" && msg.instance) this.instance = msg.instance;
         return;
@@ -709,6 +734,11 @@ export class Room extends EventTarget {
     this.peers = msg.type === "joined" ? [...msg.peers].sort((a, b) => a - b) : [];
     const resumed = msg.type === "joined" && typeof msg.resumed === "boolean" ? msg.resumed : undefined;
     this.#trackSeq(msg, resumed);
+    const received = msg.type === "joined" && typeof msg.received === "number" ? msg.received : 0;
+    this.#numbering = typeof (msg as { seq?: unknown }).seq === "number";
+    // A reload reclaiming the slot starts a new counter: it must go on above what the slot sent.
+    this.#lastN = Math.max(this.#lastN, received);
+    this.#lastSentN = 0;
     // The host is the authority on state: after its own reconnect the relay's snapshot is at best
     // what it holds and at worst older than a set_state it just flushed from its queue. Without
     // the snapshot flag that frame is an old seq, dropped as a duplicate.
@@ -725,7 +755,7 @@ export class Room extends EventTarget {
       return;
     }
     // The queue goes out first, so whatever listeners send below stays behind it.
-    this.#flushQueue();
+    this.#flushQueue(received);
     // Peers that came or went while we were away, as if we had seen it happen.
     for (const index of previousPeers) if (!this.peers.includes(index)) this.#emit("peer_left", { index });
     for (const index of this.peers) if (!previousPeers.includes(index)) this.#emit("peer_joined", { index });
@@ -761,104 +791,129 @@ export class Room extends EventTarget {
 
   /**
    * The relay refused a frame because the room is being handed to another machine, and it
-   * refuses every later frame until the move ends: so the refused frames are the last ones
-   * sent. Sends now queue; a ping marks where the refusals end.
+   * refuses every later one until the move ends. Sends now queue; a ping marks the end of what
+   * was sent, so its pong's `received` tells which of the frames before it were accepted.
    */
   #onMoving(): void {
-    this.#refused += 1;
     if (this.#held) return;
     this.#held = true;
     this.#movingBarrier = `moving-${nowMs()}`;
     this.#ws?.send(JSON.stringify({ type: "ping", id: this.#movingBarrier } satisfies ClientMessage));
   }
 
-  #onMovingBarrier(): void {
+  /** Everything sent before the barrier was handled: what `received` does not cover was refused, and goes back to the front of the queue. */
+  #onMovingBarrier(received: number | undefined): void {
     this.#movingBarrier = undefined;
-    this.#requeueRefused();
+    this.#confirm(received ?? 0);
+    this.#requeueUnconfirmed();
     // No `moved` yet: the room may have stayed (no peer took it). Try again, in order.
     this.#movingRetryTimer = setTimeout(() => {
       this.#held = false;
-      this.#flushQueue();
+      this.#flushQueue(received ?? 0);
     }, MOVING_RETRY_MS);
-  }
-
-  /** The refused frames go back to the front of the queue, oldest first, to be sent after the move. */
-  #requeueRefused(): void {
-    const refused = this.#refused;
-    this.#refused = 0;
-    const back = this.#sentLog.slice(Math.max(0, this.#sentLog.length - refused));
-    this.#sentLog = [];
-    const atMs = nowMs();
-    this.#queue = [...back.map((q) => ({ ...q, atMs })), ...this.#queue];
-    const lost = refused - back.length;
-    if (lost > 0) {
-      this.#emit("error", { code: "queue_overflow", message: `${lost} send(s) refused during a move were past the queue bound`, dropped: lost });
-    }
-  }
-
-  /** Every room frame goes out here, and is remembered in case the relay answers it with `moving`. */
-  #transmit(ws: WebSocket, queued: Queued): void {
-    ws.send(queued.frame);
-    this.#sentLog.push(queued);
-    if (this.#sentLog.length > this.#timings.queueMaxMessages) this.#sentLog.shift();
   }
 
   // ----------------------------------------------------------------- frames out
 
   #sendOrQueue(frame: ClientMessage): boolean {
     if (this.#phase === "closed" || this.#phase === "leaving") return false;
-    const text = JSON.stringify(frame);
-    const ws = this.#ws;
     const kind = frame.type === "set_state" || frame.type === "close_room" ? frame.type : undefined;
+    // Assigned in place, so `n` keeps the position the caller gave it (undefined: not on the wire).
+    if ("n" in frame && this.#numbering) frame.n = ++this.#lastN;
+    const queued: Queued = { frame: JSON.stringify(frame), atMs: nowMs(), kind, n: "n" in frame ? frame.n : undefined };
+    if (kind === "set_state") {
+      this.#queue = this.#queue.filter((q) => q.kind !== "set_state");
+      this.#unconfirmed = this.#unconfirmed.filter((q) => q.kind !== "set_state");
+    }
+    const ws = this.#ws;
     // While anything is queued, new sends queue behind it: order is per sender, always.
     if (this.#phase === "connected" && ws && ws.readyState === WebSocket.OPEN && this.#queue.length === 0 && !this.#held) {
-      this.#transmit(ws, { frame: text, atMs: 0, kind });
+      this.#transmit(ws, queued);
       return true;
     }
-    this.#expireQueue();
-    if (kind === "set_state") this.#queue = this.#queue.filter((q) => q.kind !== "set_state");
+    this.#dropExpired();
     if (!kind && this.#timings.queueMaxMessages === 0) {
       this.#emit("error", { code: "queue_overflow", message: "offline queue disabled (queueMaxMessages: 0): dropped", dropped: 1 });
       return false;
     }
-    const sends = this.#queue.filter((q) => !q.kind).length;
-    if (!kind && sends >= this.#timings.queueMaxMessages) {
-      const dropped = sends - this.#timings.queueMaxMessages + 1;
-      let left = dropped;
-      this.#queue = this.#queue.filter((q) => q.kind !== undefined || left-- <= 0);
-      this.#emit("error", {
-        code: "queue_overflow",
-        message: `offline queue full (${this.#timings.queueMaxMessages}): dropped the oldest`,
-        dropped,
-      });
-    }
-    this.#queue.push({ frame: text, atMs: nowMs(), kind });
+    if (!kind) this.#dropOverflow(1);
+    this.#queue.push(queued);
     return true;
   }
 
-  #expireQueue(): void {
-    const oldestKeptMs = nowMs() - this.#timings.queueMaxAgeMs;
-    const before = this.#queue.length;
-    this.#queue = this.#queue.filter((q) => q.kind !== undefined || q.atMs >= oldestKeptMs);
-    const expired = before - this.#queue.length;
-    if (expired === 0) return;
-    this.#emit("error", {
-      code: "queue_expired",
-      message: `dropped ${expired} queued message(s) older than ${this.#timings.queueMaxAgeMs} ms`,
-      dropped: expired,
-    });
+  /** Out on the socket; a numbered frame is kept until a `received` covers it. */
+  #transmit(ws: WebSocket, queued: Queued): void {
+    ws.send(queued.frame);
+    if (queued.n === undefined) return;
+    this.#lastSentN = queued.n;
+    queued.unconfirmed = false;
+    this.#unconfirmed.push(queued);
+    const confirmAt = Math.ceil(this.#timings.queueMaxMessages * CONFIRM_AT_QUEUE_SHARE);
+    if (confirmAt > 0 && this.#unconfirmed.length >= confirmAt) this.#ping(); // a no-op while one is out
   }
 
-  /** After a rejoin: everything still young enough goes out, oldest first. */
-  #flushQueue(): void {
-    this.#expireQueue();
+  /** The relay has handled every numbered frame up to `n`: forget them. */
+  #confirm(n: number): void {
+    let handled = 0;
+    while (handled < this.#unconfirmed.length && this.#unconfirmed[handled]!.n! <= n) handled++;
+    this.#unconfirmed.splice(0, handled);
+  }
+
+  /** The connection died: what it left unconfirmed goes out again first after the rejoin. */
+  #requeueUnconfirmed(): void {
+    for (const q of this.#unconfirmed) q.unconfirmed = true;
+    this.#queue = [...this.#unconfirmed, ...this.#queue];
+    this.#unconfirmed = [];
+  }
+
+  /** Sends (not set_state/close_room) older than queueMaxAgeMs are dropped, with an error event. */
+  #dropExpired(): void {
+    const oldestKeptMs = nowMs() - this.#timings.queueMaxAgeMs;
+    this.#dropSends((q) => q.atMs < oldestKeptMs, "queue_expired", `older than ${this.#timings.queueMaxAgeMs} ms`);
+  }
+
+  /** Past queueMaxMessages sends (counting `incoming` about to be added), the oldest are dropped, with an error event. */
+  #dropOverflow(incoming: number): void {
+    let excess = this.#queue.filter((q) => !q.kind).length + incoming - this.#timings.queueMaxMessages;
+    if (excess > 0) this.#dropSends(() => excess-- > 0, "queue_overflow", `past the queue's ${this.#timings.queueMaxMessages} messages`);
+  }
+
+  /**
+   * Drops the queued sends `doomed` picks (asked oldest first) and says so: `code` for those
+   * never sent, `unconfirmed_dropped` for those a dead link may or may not have delivered.
+   */
+  #dropSends(doomed: (q: Queued) => boolean, code: "queue_expired" | "queue_overflow", why: string): void {
+    let neverSent = 0;
+    let unconfirmed = 0;
+    this.#queue = this.#queue.filter((q) => {
+      if (q.kind !== undefined || !doomed(q)) return true;
+      if (q.unconfirmed) unconfirmed++;
+      else neverSent++;
+      return false;
+    });
+    if (unconfirmed > 0) {
+      const message = `not resending ${unconfirmed} unconfirmed message(s) ${why}: each may or may not have arrived`;
+      this.#emit("error", { code: "unconfirmed_dropped", message, dropped: unconfirmed });
+    }
+    if (neverSent > 0) this.#emit("error", { code, message: `dropped ${neverSent} queued message(s) ${why}`, dropped: neverSent });
+  }
+
+  /**
+   * After a rejoin: what the relay accepted from the old link (`received`) was delivered; the
+   * rest of the unconfirmed frames go out again, then the queue, oldest first, within its bounds.
+   */
+  #flushQueue(received: number): void {
+    this.#queue = this.#queue.filter((q) => !(q.unconfirmed && q.n! <= received));
+    this.#dropExpired();
+    this.#dropOverflow(0);
     while (this.#queue.length > 0) {
       const ws = this.#ws;
-      // A listener of the `error` above may have left the room: then nothing more goes out.
+      // A listener of an `error` above may have left the room: then nothing more goes out.
       if (this.#phase !== "connected" || !ws || ws.readyState !== WebSocket.OPEN || this.#held) return;
       this.#transmit(ws, this.#queue.shift()!);
     }
   }
+
 
   // ----------------------------------------------------------------- heartbeat
 
@@ -879,6 +934,7 @@ export class Room extends EventTarget {
     this.#pingId += 1;
     this.#pingSentMs = nowMs();
     this.#pingOutstanding = true;
+    this.#pingCoversN = this.#lastSentN;
     ws.send(JSON.stringify({ type: "ping", id: this.#pingId } satisfies ClientMessage));
     this.#armPongDeadline(this.#timings.pongTimeoutMs);
   }
@@ -900,10 +956,14 @@ export class Room extends EventTarget {
     }, ms);
   }
 
-  #onPong(id: unknown, serverTimeMs: number): void {
+  #onPong(id: unknown, serverTimeMs: number, received: number | undefined): void {
     if (!this.#pingOutstanding || id !== this.#pingId) return;
     this.#pingOutstanding = false;
     clearTimeout(this.#pongTimer);
+    // The relay handles a socket's frames in order, so all sent before the ping are handled: up to
+    // `received` accepted, the rest refused with an error event already raised. None is resent.
+    // Not while the room is moving: frames refused with `moving` are to be resent, not forgotten.
+    this.#confirm(this.#held ? (received ?? 0) : Math.max(received ?? 0, this.#pingCoversN));
     this.rttMs = nowMs() - this.#pingSentMs;
     // The server stamped `t` about half a round trip ago.
     if (typeof serverTimeMs === "number") this.serverTimeOffsetMs = serverTimeMs + this.rttMs / 2 - Date.now();

@@ -33,12 +33,16 @@ export interface JoinMessage {
 }
 export interface SendMessage {
   type: "send";
-  data?: unknown;
   /** Absent: every other present member. A slot, or a list of slots. */
   to?: number | number[];
+  /** Lossless sends (issue 16): this slot's frame number, rising by one per numbered frame. */
+  n?: number;
+  data?: unknown;
 }
 export interface SetStateMessage {
   type: "set_state";
+  /** As on `send`: numbers share one counter per slot. */
+  n?: number;
   data: unknown;
 }
 export interface CloseRoomMessage {
@@ -96,6 +100,8 @@ export interface JoinedMessage {
   resumed?: boolean;
   /** With `resumed: false`: the oldest `seq` the relay still holds. */
   oldest?: number;
+  /** The highest `n` the relay accepted from this slot; absent when it never accepted one. */
+  received?: number;
 }
 export interface PeerJoinedMessage {
   type: "peer_joined";
@@ -126,6 +132,8 @@ export interface PongMessage {
   id?: unknown;
   /** Server clock, ms since the epoch. */
   t: number;
+  /** In a room: the highest `n` accepted from this slot, as on `joined`. */
+  received?: number;
 }
 /** The room moved to another machine (a deploy): reconnect there, then close 4005 follows. */
 export interface MovedMessage {
@@ -153,6 +161,7 @@ export const ERRORS = {
   invalid_max_clients: "maxClients must be a positive number",
   invalid_room: "room is required",
   invalid_resume: "resume must be a non-negative integer",
+  invalid_n: "n must be a positive safe integer",
   invalid_url: "url must be an https URL",
   room_not_found: "Room not found",
   room_full: "Room is full",

@@ -5,6 +5,7 @@ import { afterEach, describe, expect, setSystemTime, test } from "bun:test";
 import { CLOSES, ERRORS } from "./protocol.ts";
 import { optionsFromEnv, DEFAULTS, type RelayOptions } from "./server.ts";
 import { createRoom, joinRoom, RawClient, TestClient, testRelay, upgradeStatus, within, type Frame } from "./test/helpers.ts";
+import { startProxy } from "./test/tcp-proxy.ts";
 
 const BASE58_CODE = /^[1-9A-HJ-NP-Za-km-z]{6}$/;
 
@@ -1767,4 +1768,195 @@ describe("resume", () => {
     expect(metrics).toMatch(/party_sockets_resumes_total\{[^}]*result="resumed"\} 1\n/);
     expect(metrics).toMatch(/party_sockets_frames_replayed_total\{[^}]*\} 1\n/);
   });
+});
+
+describe("numbered sends (lossless sends)", () => {
+  const datas = (frames: Record<string, any>[]) => frames.map((f) => f.data);
+  const duplicatesCounted = async (r: { url: string }) =>
+    Number((await (await fetch(`${r.url}/metrics`)).text()).match(/party_sockets_duplicate_frames_total\{[^}]*\} (\d+)\n/)![1]);
+
+  test("a numbered send is relayed once; one whose n is not above the slot's highest is dropped without an error, and counted", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const guest = await joinRoom(r, code);
+    const frames = [
+      '{"type":"send","n":1,"data":"a"}',
+      '{"type":"send","to":0,"n":2,"data":"b"}',
+      '{"data":"b again","n":2,"type":"send"}', // any field order: the general path checks it too
+      '{"type":"send","n":1,"data":"a again"}',
+      '{"n":5,"to":[0],"type":"send","data":"c"}', // numbers may skip: only "above the highest" counts
+      '{"type":"send","n":4,"data":"late"}',
+      '{"type":"send","data":"plain"}', // a frame without n is never a duplicate
+      '{"type":"send","data":"plain"}',
+    ];
+    for (const f of frames) guest.client.send(f);
+    await guest.client.barrier();
+    await host.barrier();
+    expect(datas(host.pending("message"))).toEqual(["a", "b", "c", "plain", "plain"]);
+    expect(guest.client.pending("error")).toEqual([]);
+    expect(await duplicatesCounted(r)).toBe(3);
+  });
+
+  test("set_state shares the slot's numbers; a duplicate is neither stored nor relayed", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const guest = await joinRoom(r, code);
+    host.send({ type: "set_state", n: 1, data: "s1" });
+    host.send({ type: "send", n: 2, data: "m2" });
+    host.send({ type: "set_state", n: 2, data: "s2 is a duplicate" });
+    await host.barrier();
+    await guest.client.barrier();
+    expect(guest.client.frames.filter((f) => f.type !== "pong").map((f) => [f.type, f.data])).toEqual([
+      ["state", "s1"],
+      ["message", "m2"],
+    ]);
+    const late = await joinRoom(r, code);
+    expect((await late.client.next("state")).data).toBe("s1");
+  });
+
+  test("a numbered frame the relay refused (target_not_found, not_host) does not advance n: resent, it is answered again", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const guest = await joinRoom(r, code);
+    guest.client.send({ type: "send", to: 5, n: 1, data: "nobody there" });
+    await guest.client.error("target_not_found");
+    guest.client.send({ type: "set_state", n: 1, data: "not mine" });
+    await guest.client.error("not_host");
+    guest.client.send({ type: "ping", id: "p" });
+    expect((await guest.client.next("pong")).received).toBeUndefined();
+    guest.client.send({ type: "send", to: 5, n: 1, data: "still nobody" });
+    await guest.client.error("target_not_found");
+    guest.client.send({ type: "send", n: 1, data: "now relayed" });
+    expect((await host.next("message")).data).toBe("now relayed");
+  });
+
+  test("pong carries received in a room once the slot numbered a frame; joined carries it on a reclaim of the slot", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const guest = await joinRoom(r, code, "phone");
+    expect(guest.joined.received).toBeUndefined();
+    guest.client.send({ type: "ping", id: 1 });
+    expect((await guest.client.next("pong")).received).toBeUndefined();
+    for (let n = 1; n <= 3; n++) guest.client.send({ type: "send", n, data: n });
+    guest.client.send({ type: "ping", id: 2 });
+    expect(await guest.client.next("pong")).toMatchObject({ id: 2, received: 3 });
+    guest.client.close();
+    await host.next("peer_left");
+    const back = await TestClient.connect(r.wsUrl);
+    back.send({ type: "join", clientId: "phone", room: code });
+    expect(await back.next("joined")).toMatchObject({ index: 1, received: 3 });
+    // Another socket taking over the open slot (a replace) gets it too.
+    const again = await TestClient.connect(r.wsUrl);
+    again.send({ type: "join", clientId: "phone", room: code });
+    expect(await again.next("joined")).toMatchObject({ index: 1, received: 3 });
+    const other = await joinRoom(r, code);
+    expect(other.joined.received).toBeUndefined();
+  });
+
+  test("a Party-Sockets 2.x client (no n) sees no change, byte for byte: joined, pong and message frames have no new field", async () => {
+    const r = relay();
+    const { host, code } = await createRoom(r);
+    const guest = await joinRoom(r, code);
+    guest.client.send({ type: "send", data: { tap: 1 } });
+    guest.client.send({ type: "send", data: { tap: 1 } });
+    guest.client.send({ type: "ping", id: 7 });
+    await guest.client.next("pong");
+    await host.barrier();
+    expect(guest.client.raw[0]).toBe(
+      `{"type":"joined","room":"${code}","index":1,"peers":[0],"instance":"${r.instanceId}","region":"","seq":0}`,
+    );
+    expect(guest.client.raw.at(-1)).toMatch(/^\{"type":"pong","id":7,"t":\d+\}$/);
+    expect(host.raw.filter((t) => t.includes('"message"'))).toEqual([
+      '{"type":"message","from":1,"seq":1,"data":{"tap":1}}',
+      '{"type":"message","from":1,"seq":2,"data":{"tap":1}}',
+    ]);
+  });
+
+  test("a malformed n (anything but a positive safe integer) is invalid_n, and nothing is relayed", async () => {
+    const r = relay({ rateLimitPerSec: 0 });
+    const { host, code } = await createRoom(r);
+    const guest = await joinRoom(r, code);
+    const hostile = [0, -1, 1.5, "1", 2 ** 53, 1e300, null, true, [], {}, [1], -0];
+    for (const n of hostile) {
+      guest.client.send({ type: "send", n, data: "bad" });
+      guest.client.send({ type: "send", to: 0, n, data: "bad" });
+      host.send({ type: "set_state", n, data: "bad" });
+    }
+    // The fast path's shapes, written by hand: each must come out as the general path says.
+    for (const text of ['{"type":"send","n":0,"data":1}', '{"type":"send","to":0,"n":0,"data":1}', '{"type":"send","n":9007199254740992,"data":1}', '{"type":"send","n":-3,"data":1}', '{"type":"send","n":2.0e0,"data":1}']) {
+      guest.client.send(text);
+    }
+    guest.client.send('{"type":"send","n":01,"data":1}');
+    guest.client.send('{"type":"send","n":9007199254740991,"data":"max"}'); // the largest safe integer is fine
+    await guest.client.barrier();
+    await host.barrier();
+    const expected = [...Array(2 * hostile.length + 4).fill("invalid_n"), "invalid_json"];
+    expect(guest.client.pending("error").map((e) => e.code)).toEqual(expected);
+    expect(host.pending("error").map((e) => e.code)).toEqual(Array(hostile.length).fill("invalid_n"));
+    // "2.0e0" is JSON for 2, a positive integer: relayed, then only the largest safe integer.
+    expect(datas(host.pending("message"))).toEqual([1, "max"]);
+    expect(guest.client.pending("message")).toEqual([]);
+  });
+
+  test("a frame the rate limit dropped does not advance n: resent later, it is relayed", async () => {
+    const r = relay({ rateLimitPerSec: 10, rateLimitBurst: 4 });
+    const { host, code } = await createRoom(r);
+    const guest = await joinRoom(r, code); // the join takes one token: three left
+    for (let n = 1; n <= 5; n++) guest.client.send({ type: "send", n, data: n });
+    await guest.client.error("rate_limited");
+    expect([(await host.next("message")).data, (await host.next("message")).data, (await host.next("message")).data]).toEqual([1, 2, 3]);
+    await Bun.sleep(350); // the clock under test: the bucket refills three tokens
+    guest.client.send({ type: "ping", id: "after" });
+    expect(await guest.client.next("pong")).toMatchObject({ received: 3 });
+    guest.client.send({ type: "send", n: 4, data: 4 });
+    guest.client.send({ type: "send", n: 5, data: 5 });
+    expect([(await host.next("message")).data, (await host.next("message")).data]).toEqual([4, 5]);
+  });
+
+  for (const failure of ["cut", "freeze"] as const) {
+    test(`a TCP ${failure} with frames in flight: the rejoin's received is exact, and resending from 1 delivers each frame once, in order`, async () => {
+      const r = relay({ rateLimitPerSec: 0 });
+      const proxy = startProxy(r.port);
+      try {
+        const { host, code } = await createRoom(r);
+        const phone = await TestClient.connect(proxy.wsUrl);
+        phone.send({ type: "join", clientId: "phone", room: code });
+        const { seq } = await phone.next("joined");
+        const total = 40;
+        const frame = (n: number) => ({ type: "send", n, data: { vote: n } });
+        for (let n = 1; n <= 10; n++) phone.send(frame(n));
+        for (let n = 1; n <= 10; n++) expect((await host.next("message")).data).toEqual({ vote: n });
+        for (let n = 11; n <= 25; n++) phone.send(frame(n)); // racing the failure: some arrive, some die
+        if (failure === "cut") {
+          proxy.freeze("up");
+          for (let n = 26; n <= total; n++) phone.send(frame(n)); // certainly lost in flight
+          proxy.cut(); // no close frame either way
+          await host.next("peer_left");
+        } else {
+          proxy.freeze("both"); // the relay still thinks the phone is there
+          for (let n = 26; n <= total; n++) phone.send(frame(n));
+        }
+        await host.barrier();
+        const before = datas(host.frames.splice(0).filter((f) => f.type === "message")).map((d) => d.vote);
+        const back = await TestClient.connect(r.wsUrl);
+        back.send({ type: "join", clientId: "phone", room: code, resume: seq });
+        const joined = await back.next("joined");
+        expect(joined).toMatchObject({ index: 1, resumed: true });
+        // Exactly what the host got: 10 for sure, then whatever of 11-25 made it before the failure.
+        const received = 10 + before.length;
+        expect(joined.received).toBe(received);
+        expect(before).toEqual(Array.from({ length: before.length }, (_, i) => 11 + i));
+        const duplicatesBefore = await duplicatesCounted(r);
+        for (let n = 1; n <= total; n++) back.send(frame(n));
+        await back.barrier();
+        await host.barrier();
+        const after = datas(host.pending("message")).map((d) => d.vote);
+        expect(after).toEqual(Array.from({ length: total - received }, (_, i) => received + 1 + i));
+        expect((await duplicatesCounted(r)) - duplicatesBefore).toBe(received);
+        expect(back.pending("error")).toEqual([]);
+      } finally {
+        proxy.stop();
+      }
+    });
+  }
 });

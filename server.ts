@@ -226,6 +226,8 @@ interface Rejection {
 interface ValidSend {
   type: "send";
   to: SendMessage["to"];
+  /** The slot's frame number (lossless sends); 0 when the frame carries none. */
+  n: number;
   dataJson: string | undefined;
 }
 
@@ -234,7 +236,7 @@ type Valid =
   | (CreateMessage & { url?: string })
   | JoinMessage
   | ValidSend
-  | { type: "set_state"; stateJson: string }
+  | { type: "set_state"; stateJson: string; n: number }
   | { type: "close_room" }
   | { type: "leave" }
   | KickMessage
@@ -247,6 +249,8 @@ const URL_FORBIDDEN_CHARS = /[\s\u0000-\u001f\u007f]/;
 const isObject = (v: unknown): v is Record<string, unknown> =>
   typeof v === "object" && v !== null && !Array.isArray(v);
 const isSlot = (v: unknown): v is number => typeof v === "number" && Number.isInteger(v) && v >= 0;
+/** A frame number `n`: a positive safe integer (above 2^53 two numbers could compare equal). */
+const isFrameNumber = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) > 0;
 const utf8Bytes = (s: string): number => Buffer.byteLength(s, "utf8");
 
 function rejection(reject: ErrorCode, message?: string): Rejection {
@@ -273,34 +277,65 @@ function checkUrlTemplate(v: unknown): Rejection | undefined {
 const SEND_PREFIX = '{"type":"send",';
 const DATA_KEY = '"data":';
 const TO_KEY = '"to":';
+const N_KEY = '"n":';
 const CLOSE_BRACE = 125;
 const COMMA = 44;
+const DIGIT_ZERO = 48;
+/** Longer slot indices take the general path (no room has a billion slots). */
+const SLOT_MAX_DIGITS = 9;
+/** 15 digits stay below 2^53, so every such `n` is a safe integer; longer ones take the general path. */
+const N_MAX_DIGITS = 15;
 
 /**
- * The hot path's shortcut for the two shapes clients send all the time,
- * `{"type":"send","data":X}` and `{"type":"send","to":N,"data":X}`: the `data`
- * text X is taken as written instead of parsed and serialised again. It is
- * safe because X itself must pass JSON.parse as one complete value, so the
+ * How many digits the JSON unsigned integer at `at` has, when a comma follows
+ * it; 0 when there is none, it is longer than `maxDigits`, or it has a leading
+ * zero (JSON has none: "01" must reach JSON.parse and be rejected there).
+ */
+function digitsBeforeComma(text: string, at: number, maxDigits: number): number {
+  let end = at;
+  while (end - at <= maxDigits && text.charCodeAt(end) >= DIGIT_ZERO && text.charCodeAt(end) <= DIGIT_ZERO + 9) end++;
+  const digits = end - at;
+  if (digits === 0 || digits > maxDigits || (digits > 1 && text.charCodeAt(at) === DIGIT_ZERO)) return 0;
+  return text.charCodeAt(end) === COMMA ? digits : 0;
+}
+
+/** The value of `digits` decimal digits at `at` (checked by digitsBeforeComma). */
+function decimalAt(text: string, at: number, digits: number): number {
+  let value = 0;
+  for (let i = at; i < at + digits; i++) value = value * 10 + text.charCodeAt(i) - DIGIT_ZERO;
+  return value;
+}
+
+/**
+ * The hot path's shortcut for the shapes clients send all the time,
+ * `{"type":"send"[,"to":N][,"n":N],"data":X}` (the browser client writes its
+ * fields in that order): the `data` text X is taken as written instead of
+ * parsed and serialised again, and the numbers are read in place. It is safe
+ * because X itself must pass JSON.parse as one complete value, so the
  * `message` built around it is valid JSON with exactly the relay's fields (a
  * frame like `{"type":"send","data":1,"from":7}` fails that check and goes the
- * general way). Anything else returns undefined and takes the general path.
+ * general way). Anything else, `"n":0` included, returns undefined and takes
+ * the general path, which answers it.
  */
 function spliceSend(text: string): ValidSend | undefined {
   if (!text.startsWith(SEND_PREFIX) || text.charCodeAt(text.length - 1) !== CLOSE_BRACE) return undefined;
   let at = SEND_PREFIX.length;
   let to: number | undefined;
+  let n = 0;
   if (text.startsWith(TO_KEY, at)) {
     at += TO_KEY.length;
-    const digitsAt = at;
-    let n = 0;
-    for (let c = text.charCodeAt(at) - 48; c >= 0 && c <= 9; c = text.charCodeAt(++at) - 48) n = n * 10 + c;
-    const digits = at - digitsAt;
-    // JSON has no leading zeros: "01" must reach JSON.parse and be rejected there.
-    if (digits === 0 || digits > 9 || (digits > 1 && text.charCodeAt(digitsAt) === 48) || text.charCodeAt(at) !== COMMA) {
-      return undefined;
-    }
-    to = n;
-    at++;
+    const digits = digitsBeforeComma(text, at, SLOT_MAX_DIGITS);
+    if (digits === 0) return undefined;
+    to = decimalAt(text, at, digits);
+    at += digits + 1;
+  }
+  if (text.startsWith(N_KEY, at)) {
+    at += N_KEY.length;
+    const digits = digitsBeforeComma(text, at, N_MAX_DIGITS);
+    if (digits === 0) return undefined;
+    n = decimalAt(text, at, digits);
+    if (n === 0) return undefined;
+    at += digits + 1;
   }
   if (!text.startsWith(DATA_KEY, at)) return undefined;
   const dataJson = text.slice(at + DATA_KEY.length, -1);
@@ -309,7 +344,7 @@ function spliceSend(text: string): ValidSend | undefined {
   } catch {
     return undefined;
   }
-  return { type: "send", to, dataJson };
+  return { type: "send", to, n, dataJson };
 }
 
 /**
@@ -329,12 +364,13 @@ function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
   if (!isObject(msg)) return rejection("invalid_json");
   switch (msg.type) {
     case "send": {
-      const { to, data } = msg;
+      const { to, n, data } = msg;
+      if (n !== undefined && !isFrameNumber(n)) return rejection("invalid_n");
       if (to !== undefined && !isSlot(to) && !(Array.isArray(to) && to.length > 0 && to.every(isSlot))) {
         // Party-Sockets answers a malformed `to` exactly as an absent slot.
         return rejection("target_not_found");
       }
-      return { type: "send", to, dataJson: data === undefined ? undefined : JSON.stringify(data) };
+      return { type: "send", to, n: n ?? 0, dataJson: data === undefined ? undefined : JSON.stringify(data) };
     }
     case "create": {
       const bad = checkClientId(msg.clientId);
@@ -361,10 +397,12 @@ function parseFrame(text: string, limits: RelayOptions): Valid | Rejection {
       return { type: "join", clientId: msg.clientId as string, room: msg.room, resume };
     }
     case "set_state": {
+      const { n } = msg;
+      if (n !== undefined && !isFrameNumber(n)) return rejection("invalid_n");
       if (msg.data === undefined) return rejection("state_required");
       const stateJson = JSON.stringify(msg.data);
       if (utf8Bytes(stateJson) > limits.maxStateBytes) return rejection("state_too_large");
-      return { type: "set_state", stateJson };
+      return { type: "set_state", stateJson, n: n ?? 0 };
     }
     case "kick":
       if (!isSlot(msg.index)) return rejection("target_not_found", "index must be a slot index");
@@ -532,6 +570,12 @@ interface Member {
   stamp: number;
   /** Removed by the host: the slot's clientId can never join this room again. */
   kicked: boolean;
+  /**
+   * Lossless sends: the highest `n` accepted (relayed or stored) from this
+   * slot, 0 if none. Per slot, not per socket, so it outlives reconnects; a
+   * room handed to another machine must carry it.
+   */
+  received: number;
 }
 
 interface Room {
@@ -922,6 +966,8 @@ interface TransferSlot {
   since: number;
   /** Kicked by the host: its clientId stays barred (absent means false). */
   kicked?: boolean;
+  /** Lossless sends: the highest `n` accepted from the slot (absent means 0), so a resend after the move is not relayed twice. */
+  received?: number;
 }
 
 interface TransferFrame {
@@ -995,6 +1041,7 @@ function checkTransferSlots(slots: unknown, seq: number, maxSlots: number): stri
     if (!isObject(slot) || !isCount(slot.since, seq)) return `slots[${i}]`;
     // The host's slot cannot be kicked.
     if (slot.kicked !== undefined && (typeof slot.kicked !== "boolean" || (i === 0 && slot.kicked))) return `slots[${i}].kicked`;
+    if (slot.received !== undefined && slot.received !== 0 && !isFrameNumber(slot.received)) return `slots[${i}].received`;
     if (slot.clientId === null) continue;
     if (checkClientId(slot.clientId) || seen.has(slot.clientId as string)) return `slots[${i}].clientId`;
     seen.add(slot.clientId as string);
@@ -1097,6 +1144,8 @@ function makeCounters() {
     bytesRelayed: 0,
     rateLimitedFrames: 0,
     framesReplayed: 0,
+    /** Numbered frames dropped as already accepted (lossless sends). */
+    duplicateFrames: 0,
     resumes: new Map<"resumed" | "too_old", number>(),
     originRefusals: new Map<OriginRefusal, number>([["not_listed", 0], ["missing", 0]]),
     /** Lookups refused by the miss budget, by how they came: a `join`, or `GET /room/<code>`. */
@@ -1602,6 +1651,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       sinceSeq: room.seq,
       stamp: 0,
       kicked: false,
+      received: 0,
     };
     room.slots.push(member);
     room.byClientId.set(clientId, member);
@@ -1752,6 +1802,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       seq: room.seq,
       resumed: askedToResume ? resumed : undefined,
       oldest: askedToResume && !resumed ? oldest : undefined,
+      // Absent (as for a Party-Sockets 2.x client) until the slot numbered a frame.
+      received: member.received || undefined,
     };
     deliver(ws, JSON.stringify(joined));
     if (askedToResume) bump(counters.resumes, resumed ? "resumed" : "too_old");
@@ -1759,22 +1811,41 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     if (room.stateFrame !== undefined) deliver(ws, room.stateFrame);
   }
 
+  /**
+   * Lossless sends: a numbered frame at or below the slot's highest accepted
+   * `n` was relayed (or stored) before, and is resent only because its sender
+   * could not know. It is dropped without an error.
+   */
+  function isDuplicate(member: Member, n: number): boolean {
+    if (n > member.received || n === 0) return false;
+    counters.duplicateFrames++;
+    return true;
+  }
+
+  /** The frame was relayed or stored: its `n` is now the slot's highest (an unnumbered frame's 0 changes nothing). */
+  function accept(member: Member, n: number): void {
+    if (n > member.received) member.received = n;
+  }
+
   /** The hot path: one serialisation, fanout through the room topic. */
   function handleSend(ws: Socket, msg: ValidSend): void {
     const { room, member } = ws.data;
     if (!room || !member) return sendError(ws, "not_in_room");
+    if (isDuplicate(member, msg.n)) return;
     const to = msg.to;
     if (to === undefined) {
       counters.relayedBroadcast++;
       publish(room, ws, relayFrame(room, member, msg.dataJson, undefined, room.present - 1, ws.data.lastSeenMs));
     } else if (typeof to === "number") {
       const target = room.slots[to]?.ws;
+      // Not relayed, so `n` is not accepted: a resend after a reconnect gets this error again, not silence.
       if (!target) return sendError(ws, "target_not_found");
       counters.relayedTargeted++;
       deliver(target, relayFrame(room, member, msg.dataJson, to, 1, ws.data.lastSeenMs));
-    } else {
-      sendToList(ws, room, member, to, msg.dataJson);
+    } else if (!sendToList(ws, room, member, to, msg.dataJson)) {
+      return;
     }
+    accept(member, msg.n);
   }
 
   const frameWriter = new FrameWriter(options.maxMessageBytes + FRAME_OVERHEAD_BYTES);
@@ -1792,8 +1863,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   }
 
   let sendStamp = 0;
-  /** `to: [...]`: each present slot once; the absent ones are reported back. */
-  function sendToList(ws: Socket, room: Room, sender: Member, to: number[], dataJson: string | undefined): void {
+  /** `to: [...]`: each present slot once; the absent ones are reported back. Whether anyone got it. */
+  function sendToList(ws: Socket, room: Room, sender: Member, to: number[], dataJson: string | undefined): boolean {
     const stamp = ++sendStamp;
     const targets: number[] = [];
     let missing: Set<number> | undefined;
@@ -1817,6 +1888,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       }
     }
     if (missing) sendError(ws, "target_not_found", undefined, { missing: [...missing] });
+    return targets.length > 0;
   }
 
   // ------------------------------------------------------------ resume ring
@@ -1854,15 +1926,17 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     }
   }
 
-  function handleSetState(ws: Socket, stateJson: string): void {
+  function handleSetState(ws: Socket, stateJson: string, n: number): void {
     const { room, member } = ws.data;
     if (!room || !member) return sendError(ws, "not_in_room");
+    if (isDuplicate(member, n)) return;
     if (member.index !== 0) return sendError(ws, "not_host", "Only the host can set state");
     const seq = ++room.seq;
     const frame = frameWriter.start(STATE_HEAD).uint(seq).raw(DATA_FIELD).jsonThenClose(stateJson);
     remember(room, seq, frame, member.index, undefined, ws.data.lastSeenMs);
     room.stateFrame = frame.text();
     publish(room, ws, room.stateFrame);
+    accept(member, n);
   }
 
   function handleCloseRoom(ws: Socket): void {
@@ -1901,8 +1975,9 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     if (target.ws) evict(target.ws, "kicked");
   }
 
+  /** In a room, `received` tells a numbering client which of its frames it may forget (absent until there are any). */
   function handlePing(ws: Socket, msg: PingMessage): void {
-    deliver(ws, JSON.stringify({ type: "pong", id: msg.id, t: Date.now() }));
+    deliver(ws, JSON.stringify({ type: "pong", id: msg.id, t: Date.now(), received: ws.data.member?.received || undefined }));
   }
 
   function dispatch(ws: Socket, msg: Valid): void {
@@ -1914,7 +1989,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       case "join":
         return handleJoin(ws, msg);
       case "set_state":
-        return handleSetState(ws, msg.stateJson);
+        return handleSetState(ws, msg.stateJson, msg.n);
       case "close_room":
         return handleCloseRoom(ws);
       case "leave":
@@ -2077,7 +2152,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       maxClients: room.maxClients,
       origin: room.origin,
       url: room.url,
-      slots: room.slots.map((m) => ({ clientId: room.byClientId.get(m.clientId) === m ? m.clientId : null, since: m.sinceSeq, kicked: m.kicked })),
+      slots: room.slots.map((m) => ({ clientId: room.byClientId.get(m.clientId) === m ? m.clientId : null, since: m.sinceSeq, kicked: m.kicked, received: m.received })),
       state: room.stateFrame,
       seq: room.seq,
       frames: [...(room.ring?.records() ?? [])].map((r) => ({ seq: r.seq, ageMs: Math.max(0, nowMs - r.atMs), from: r.from, to: r.to ?? -1, frame: r.frame })),
@@ -2107,7 +2182,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       movingGraceUntilMs: nowMs + options.movingGraceMs,
     };
     for (const [index, slot] of t.slots.entries()) {
-      const member: Member = { index, clientId: slot.clientId ?? "", ws: null, sinceSeq: slot.since, stamp: 0, kicked: slot.kicked === true };
+      const member: Member = { index, clientId: slot.clientId ?? "", ws: null, sinceSeq: slot.since, stamp: 0, kicked: slot.kicked === true, received: slot.received ?? 0 };
       room.slots.push(member);
       if (slot.clientId !== null) room.byClientId.set(slot.clientId, member);
     }
@@ -2438,6 +2513,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     family("party_sockets_lookups_refused_total", "counter", "Joins and /room lookups refused by the per-IP miss budget, by how they came", byLabel("via", counters.lookupsRefused));
     family("party_sockets_miss_budget_ips", "gauge", "IPs with a miss budget in use (capped)", one(misses.trackedIps()));
     family("party_sockets_frames_replayed_total", "counter", "Frames replayed to resuming members", one(counters.framesReplayed));
+    family("party_sockets_duplicate_frames_total", "counter", "Numbered frames dropped because their n was already accepted", one(counters.duplicateFrames));
     family("party_sockets_resume_buffer_bytes", "gauge", "UTF-8 bytes of relayed frames kept for resume", one(ringTotalBytes));
     family("party_sockets_handoffs_total", "counter", "Attempts to hand a room to a peer on SIGTERM, by result (no_peer: per room left here)", byLabel("result", handoffs));
     family("party_sockets_rooms_adopted_total", "counter", "Rooms this machine adopted from a draining peer", one(roomsAdopted));

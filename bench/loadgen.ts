@@ -54,6 +54,8 @@ export interface LoadOptions {
   genCore: number;
   serverCore: number;
   setupTimeoutS: number;
+  /** Lossless sends: every bench frame carries `n` (`--numbered 1`). */
+  numbered: boolean;
 }
 
 const DEFAULTS: LoadOptions = {
@@ -75,6 +77,7 @@ const DEFAULTS: LoadOptions = {
   genCore: -1,
   serverCore: -1,
   setupTimeoutS: 60,
+  numbered: false,
 };
 
 function parseArgs(argv: string[]): LoadOptions {
@@ -90,6 +93,7 @@ function parseArgs(argv: string[]): LoadOptions {
     const value = argv[i + 1];
     if (value === undefined) throw new Error(`missing value for ${flag}`);
     if (flag === "--url") o.url = value;
+    else if (flag === "--numbered") o.numbered = value === "1";
     else if (flag === "--scenario") {
       if (!(SCENARIOS as readonly string[]).includes(value)) throw new Error(`unknown scenario ${value}; one of ${SCENARIOS.join(", ")}`);
       o.scenario = value as Scenario;
@@ -459,7 +463,7 @@ function prepareSenders(rooms: BenchRoom[], o: LoadOptions, targeted: boolean): 
       if (c === undefined) throw new Error(`room ${r.code} has a hole in its slots`);
       const target = targeted ? (c.user.slot + 1) % r.size : -1;
       c.user.target = target;
-      c.user.bench = benchFrame(c.user.slot, target, o.dataBytes);
+      c.user.bench = benchFrame(c.user.slot, target, o.dataBytes, o.numbered);
       all.push(c);
     }
   }

@@ -10,6 +10,8 @@ import { buildTextFrame, frameHeaderLength, utf8 } from "./ws.ts";
 export const SEQ_BASE = 1_000_000_000; // 10 digits
 export const TS_BASE = 100_000_000_000_000; // 15 digits of µs
 export const SRC_BASE = 100; // 3 digits: slots 0..899
+/** A numbered frame's `n` (lossless sends): 10 digits, never 0, rising by one per send. */
+export const N_BASE = 1_000_000_000;
 
 const T0 = performance.now();
 
@@ -29,18 +31,24 @@ export interface BenchFrame {
   frame: Uint8Array;
   seqAt: number;
   tsAt: number;
+  /** Where the digits of `n` start; -1 in a frame without `n`. */
+  nAt: number;
 }
 
-/** `{"type":"send"[,"to":N],"data":{…}}` with a data object of about `dataBytes` bytes. */
-export function benchFrame(slot: number, to: number, dataBytes: number): BenchFrame {
+/**
+ * `{"type":"send"[,"to":N][,"n":N],"data":{…}}` with a data object of about `dataBytes` bytes;
+ * `numbered` adds `n` where the browser client puts it.
+ */
+export function benchFrame(slot: number, to: number, dataBytes: number, numbered = false): BenchFrame {
   const head = `{"seq":${SEQ_BASE},"ts":${TS_BASE},"src":${SRC_BASE + slot},"kind":"bench","pad":"`;
   const pad = "x".repeat(Math.max(0, dataBytes - head.length - 2));
-  const text = `{"type":"send",${to >= 0 ? `"to":${to},` : ""}"data":${head}${pad}"}}`;
+  const text = `{"type":"send",${to >= 0 ? `"to":${to},` : ""}${numbered ? `"n":${N_BASE},` : ""}"data":${head}${pad}"}}`;
   const hdr = frameHeaderLength(utf8(text).length);
   return {
     frame: buildTextFrame(utf8(text)),
     seqAt: hdr + text.indexOf('"seq":') + 6,
     tsAt: hdr + text.indexOf('"ts":') + 5,
+    nAt: numbered ? hdr + text.indexOf('"n":') + 4 : -1,
   };
 }
 
@@ -56,6 +64,7 @@ export function writeDigits(buf: Uint8Array, at: number, width: number, value: n
 export function stampFrame(out: Uint8Array, at: number, b: BenchFrame, seq: number, ts: number): void {
   writeDigits(out, at + b.seqAt, 10, SEQ_BASE + seq);
   writeDigits(out, at + b.tsAt, 15, TS_BASE + ts);
+  if (b.nAt >= 0) writeDigits(out, at + b.nAt, 10, N_BASE + seq);
 }
 
 function readInt(buf: Uint8Array, i: number, end: number): number {

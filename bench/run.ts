@@ -6,7 +6,7 @@
 //
 // Options: --reps N, --warmup S, --duration S, --idle-conns N, --data-bytes N (size of the
 // relayed data object, default 120), --rooms N (rooms of the load scenarios, default 50),
-// --scenarios a,b,…, --servers ours,ours-rl,floor,floor-wrap,base, --base REV, --out DIR.
+// --scenarios a,b,…, --servers ours,ours-rl,ours-n,floor,floor-wrap,base, --base REV, --out DIR.
 //
 // For every repetition and scenario it starts each server fresh as a child process
 // (ours: `bun run server.ts`; the floor: `bun run bench/floor.ts`), pinned with taskset
@@ -34,6 +34,8 @@ interface ServerKind {
   cmd: string[];
   env: Record<string, string>;
   scenarios: readonly Scenario[];
+  /** Extra load generator flags for this kind. */
+  loadArgs?: string[];
 }
 
 const CLOSED_AND_CHURN: readonly Scenario[] = ["fanout-closed", "targeted-closed", "churn"];
@@ -52,6 +54,14 @@ const SERVERS: ServerKind[] = [
     cmd: ["bun", "run", "server.ts"],
     env: { LOG_LEVEL: "warn", RATE_LIMIT_PER_SEC: "1000000", RATE_LIMIT_BURST: "1000000", ...LIMITS_OFF },
     scenarios: CLOSED_AND_CHURN,
+  },
+  {
+    name: "ours-n",
+    what: "ours, with every send numbered (`n`, lossless sends) as the browser client sends it: ours-n / ours is what numbering costs the hot path",
+    cmd: ["bun", "run", "server.ts"],
+    env: { LOG_LEVEL: "warn", RATE_LIMIT_PER_SEC: "0", ...LIMITS_OFF },
+    scenarios: ["fanout-busy", "fanout-closed", "targeted-closed"],
+    loadArgs: ["--numbered", "1"],
   },
   {
     name: "floor",
@@ -223,6 +233,7 @@ async function runOne(o: RunOptions, kind: ServerKind, scenario: Scenario, rep: 
       "--rooms", String(o.rooms),
       "--gen-core", String(cores.gen),
       "--server-core", String(cores.server),
+      ...(kind.loadArgs ?? []),
     ];
     const gen = Bun.spawn(pinned(cores.gen, args), { cwd: REPO, stdout: "pipe", stderr: "pipe" });
     const budgetMs = (o.warmupS + o.durationS + 120) * 1000;
@@ -312,6 +323,7 @@ const PAIRS: readonly [string, string][] = [
   ["ours-rl", "floor"],
   ["base", "floor"],
   ["ours", "base"],
+  ["ours-n", "ours"],
   ["floor-wrap", "floor"],
 ];
 

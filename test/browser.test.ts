@@ -368,4 +368,52 @@ describe.skipIf(!haveChromium)("browser client in Chromium", () => {
     await phone.screenshot({ path: join(screenshotDir, "demo-phone.png") });
     expect(existsSync(join(screenshotDir, "demo-phone.png"))).toBe(true);
   });
+
+  test("lossless sends: a guest votes at 20 Hz through a 4 s blackhole (no FIN, no RST); the host's game sees every vote once, in order", async () => {
+    // Its own proxy and pages: the blackhole must not touch the tabs above, and the heartbeat is
+    // shortened so that the dead link is noticed well inside the default queue bounds.
+    const link = startProxy(relay.port);
+    const voter = await testPage();
+    const tv = await testPage();
+    try {
+      const quick = { ...PAGE_OPTIONS, pingIntervalMs: 200, pongTimeoutMs: 300, connectTimeoutMs: 500 };
+      const room = await open(tv, "create", relay.url, "", { maxClients: 4, ...PAGE_OPTIONS });
+      await open(voter, "join", link.httpUrl, room.code, quick);
+      await waitEvents(tv, "peer_joined", 1);
+      type Voting = TestWindow & { votes(): number; stopVotes(): number };
+      await voter.evaluate(() => {
+        const w = window as unknown as Voting;
+        let n = 0;
+        const timer = setInterval(() => w.room!.send({ vote: ++n }), 50);
+        w.votes = () => n;
+        w.stopVotes = () => {
+          clearInterval(timer);
+          w.room!.send("end");
+          return n;
+        };
+      });
+      await waitEvents(tv, "message", 1);
+      link.blackholing = true;
+      const sentBeforeHole = await voter.evaluate(() => (window as unknown as Voting).votes());
+      await Bun.sleep(4000); // the scenario: 4 s of a dead network, not synchronisation
+      link.blackholing = false;
+      expect(await voter.evaluate(() => (window as unknown as Voting).votes())).toBeGreaterThan(sentBeforeHole);
+      await waitEvents(voter, "reconnected", 1);
+      const sent = await voter.evaluate(() => (window as unknown as Voting).stopVotes());
+      await tv.waitForFunction(
+        () => (window as unknown as TestWindow).events.some((e) => e.type === "message" && (e.detail as { data: unknown }).data === "end"),
+        null,
+        { timeout: WAIT_MS },
+      );
+      const votes = (await eventsOf(tv, "message")).flatMap((m) => (m.data === "end" ? [] : [(m.data as { vote: number }).vote]));
+      expect(votes).toEqual(Array.from({ length: sent }, (_, i) => i + 1));
+      expect(await eventsOf(voter, "error")).toEqual([]);
+      await tv.evaluate(() => (window as unknown as TestWindow).room!.closeRoom());
+      await waitEvents(voter, "closed", 1);
+    } finally {
+      await voter.close();
+      await tv.close();
+      link.stop();
+    }
+  });
 });

@@ -23,6 +23,7 @@ import {
   type RoomEventType,
 } from "../client.ts";
 import { startRelay, type Relay } from "../server.ts";
+import type { Server } from "bun";
 
 // ------------------------------------------------------------------ helpers
 
@@ -834,20 +835,112 @@ describe("lossless reconnect (issue 9) against the relay", () => {
   });
 });
 
-/** A fake relay on loopback whose every frame is answered by `onMessage` (parsed JSON in, objects out). */
-function scriptedRelay(onMessage: (msg: Record<string, any>, reply: (frame: object) => void, ws: { terminate(): void }) => void) {
-  return Bun.serve({
+/** Heartbeat and connect timings small enough that a dead link is noticed in well under a second. */
+const QUICK_HEARTBEAT: Partial<CommonOptions> = { pingIntervalMs: 200, pongTimeoutMs: 300, connectTimeoutMs: 500 };
+
+/** Sends `frame(1)`, `frame(2)`, … every `intervalMs` until stopped; `stop()` says how many went. */
+function stream(send: (n: number) => void, intervalMs: number) {
+  let sent = 0;
+  const timer = setInterval(() => send(++sent), intervalMs);
+  return {
+    get sent() {
+      return sent;
+    },
+    stop(): number {
+      clearInterval(timer);
+      return sent;
+    },
+  };
+}
+
+/** Every `{ vote: n }` from slot `from` the game saw, in order, once its "end" message arrived. */
+async function votesUntilEnd(events: ReturnType<typeof record>, from: number, timeoutMs: number): Promise<unknown[]> {
+  const isEnd = (m: RoomEventDetails["message"]) => m.from === from && m.data === "end";
+  while (!events.of("message").some(isEnd)) await events.next("message", timeoutMs);
+  return events.of("message").flatMap((m) => (m.from === from && m.data !== "end" ? [(m.data as { vote: number }).vote] : []));
+}
+
+describe("lossless sends (issue 16) against the relay", () => {
+  test("host and guest stream to each other at 20 Hz across a 4 s blackhole (no FIN, no RST): each game sees every frame of the other once, in order", async () => {
+    const p = proxy();
+    const { host, guest, hostEvents, guestEvents } = await hostAndGuest({ guestVia: p, guest: QUICK_HEARTBEAT });
+    const votesIntervalMs = 50; // 20 Hz
+    const fromGuest = stream((n) => guest.send({ vote: n }), votesIntervalMs);
+    const fromHost = stream((n) => host.send({ vote: n }), votesIntervalMs);
+    await hostEvents.next("message");
+    p.blackholing = true;
+    const sentBeforeHole = fromGuest.sent;
+    await Bun.sleep(4000); // the scenario: 4 s of a dead network, not synchronisation
+    p.blackholing = false;
+    const sentInHole = fromGuest.sent - sentBeforeHole;
+    expect((await guestEvents.next("reconnecting")).cause).toBe("heartbeat timeout");
+    expect(await guestEvents.next("reconnected", 5000)).toEqual({ resumed: true });
+    await guestEvents.next("message");
+    const guestSent = fromGuest.stop();
+    const hostSent = fromHost.stop();
+    guest.send("end");
+    host.send("end");
+    const numbers = (count: number) => Array.from({ length: count }, (_, i) => i + 1);
+    expect(await votesUntilEnd(hostEvents, guest.index, 5000)).toEqual(numbers(guestSent));
+    expect(await votesUntilEnd(guestEvents, host.index, 5000)).toEqual(numbers(hostSent));
+    expect(sentInHole).toBeGreaterThan(0);
+    expect(guestEvents.of("error")).toEqual([]);
+    expect(hostEvents.of("peer_left")).toEqual([]); // the rejoin replaced the socket the relay still held
+  }, 20_000);
+
+  test("past queueMaxMessages, the oldest unconfirmed sends are not resent: `unconfirmed_dropped` says how many", async () => {
+    const p = proxy();
+    const { guest, hostEvents, guestEvents } = await hostAndGuest({ guestVia: p, guest: { ...QUICK_HEARTBEAT, queueMaxMessages: 3 } });
+    guest.send("before");
+    expect((await hostEvents.next("message")).data).toBe("before");
+    p.freeze("both");
+    for (let n = 1; n <= 5; n++) guest.send(n); // into a dead link: kept, unconfirmed
+    await guestEvents.next("reconnected");
+    expect(await guestEvents.next("error")).toMatchObject({ code: "unconfirmed_dropped", dropped: 2 });
+    guest.send("after");
+    expect(await messages(hostEvents, 4)).toEqual([3, 4, 5, "after"]);
+  });
+
+  test("past queueMaxAgeMs, unconfirmed sends are not resent: `unconfirmed_dropped` at the rejoin", async () => {
+    const p = proxy();
+    // The link is noticed dead no sooner than pongTimeoutMs, well past the age bound.
+    const guestOptions = { ...QUICK_HEARTBEAT, pingIntervalMs: 100, pongTimeoutMs: 400, queueMaxAgeMs: 150 };
+    const { guest, hostEvents, guestEvents } = await hostAndGuest({ guestVia: p, guest: guestOptions });
+    guest.send("before");
+    expect((await hostEvents.next("message")).data).toBe("before");
+    p.freeze("both");
+    guest.send("lost 1");
+    guest.send("lost 2");
+    await guestEvents.next("reconnected");
+    expect(await guestEvents.next("error")).toMatchObject({ code: "unconfirmed_dropped", dropped: 2 });
+    guest.send("after");
+    expect(await messages(hostEvents, 1)).toEqual(["after"]);
+  });
+});
+
+/**
+ * A fake relay on loopback whose every frame is answered by `onMessage` (parsed JSON in, objects
+ * out; `connection` counts from 0). `connections` holds each connection's frames as written.
+ */
+function scriptedRelay(
+  onMessage: (msg: Record<string, any>, reply: (frame: object) => void, ws: { terminate(): void }, connection: number) => void,
+) {
+  const connections: string[][] = [];
+  const server = Bun.serve({
     port: 0,
     hostname: "127.0.0.1",
-    fetch(req, srv) {
-      return srv.upgrade(req) ? undefined : new Response("no", { status: 400 });
+    fetch(req, srv: Server<{ connection: number }>) {
+      return srv.upgrade(req, { data: { connection: connections.push([]) - 1 } }) ? undefined : new Response("no", { status: 400 });
     },
     websocket: {
+      data: {} as { connection: number },
       message(ws, text) {
-        onMessage(JSON.parse(String(text)), (frame) => ws.send(JSON.stringify(frame)), ws);
+        connections[ws.data.connection]!.push(String(text));
+        onMessage(JSON.parse(String(text)), (frame) => ws.send(JSON.stringify(frame)), ws, ws.data.connection);
       },
     },
   });
+  return Object.assign(server, { connections });
 }
 
 describe("heartbeat against a scripted relay", () => {
@@ -906,6 +999,119 @@ describe("lossless-reconnect dialect, frame by frame (a scripted relay)", () => 
       expect(joins[1]).toMatchObject({ type: "join", room: "AAAAAA", resume: 2 });
       expect(events.of("message").map((m) => m.seq)).toEqual([1, 2, 3]);
       await guest.leave();
+    } finally {
+      fake.stop(true);
+    }
+  });
+});
+
+describe("lossless-sends dialect, frame by frame (a scripted relay)", () => {
+  const joined = (extra: object = {}) => ({ type: "joined", room: "AAAAAA", index: 1, peers: [0], instance: "f", region: "", seq: 0, ...extra });
+  const sends = (frames: string[]) => frames.filter((f) => !f.includes('"ping"'));
+
+  test("every send and setState carries n before data; after a rejoin exactly those above `received` go again, in order, before anything new", async () => {
+    let live: { terminate(): void } | undefined;
+    const fake = scriptedRelay((msg, reply, ws, connection) => {
+      if (msg.type === "leave") return reply({ type: "left", room: "AAAAAA" });
+      if (msg.type !== "join") return;
+      live = ws;
+      reply(connection === 0 ? joined() : joined({ received: 2 }));
+    });
+    try {
+      const guest = await joinRoom(`ws://127.0.0.1:${fake.port}`, "AAAAAA", { ...FAST, storage: "none" });
+      const events = record(guest);
+      guest.send("a");
+      guest.send("b", 0);
+      guest.send("c", [0]);
+      guest.setState({ s: 1 });
+      await waitFor(() => fake.connections[0]!.length === 5, "four frames at the relay");
+      live!.terminate();
+      await events.next("reconnected");
+      guest.send("d");
+      await waitFor(() => sends(fake.connections[1] ?? []).length === 4, "the resends and the new send");
+      expect(sends(fake.connections[0]!).slice(1)).toEqual([
+        '{"type":"send","n":1,"data":"a"}',
+        '{"type":"send","to":0,"n":2,"data":"b"}',
+        '{"type":"send","to":[0],"n":3,"data":"c"}',
+        '{"type":"set_state","n":4,"data":{"s":1}}',
+      ]);
+      expect(sends(fake.connections[1]!).slice(1)).toEqual([
+        '{"type":"send","to":[0],"n":3,"data":"c"}',
+        '{"type":"set_state","n":4,"data":{"s":1}}',
+        '{"type":"send","n":5,"data":"d"}',
+      ]);
+      await guest.leave();
+    } finally {
+      fake.stop(true);
+    }
+  });
+
+  test("a pong's received lets the client forget: only what nothing confirmed is resent", async () => {
+    let live: { terminate(): void } | undefined;
+    let accepted = 0;
+    const fake = scriptedRelay((msg, reply, ws) => {
+      if (msg.type === "leave") return reply({ type: "left", room: "AAAAAA" });
+      if (msg.type === "join") {
+        live = ws;
+        return reply(joined());
+      }
+      if (msg.type === "send") accepted = msg.n;
+      if (msg.type === "ping") reply({ type: "pong", id: msg.id, t: Date.now(), received: accepted });
+    });
+    try {
+      const guest = await joinRoom(`ws://127.0.0.1:${fake.port}`, "AAAAAA", { ...FAST, storage: "none", pingIntervalMs: 50 });
+      const events = record(guest);
+      guest.send("a");
+      guest.send("b");
+      // A ping after both was answered (the client pings again only after a pong): both confirmed.
+      const pingsAfterB = () => fake.connections[0]!.slice(fake.connections[0]!.findIndex((f) => f.includes('"b"'))).filter((f) => f.includes('"ping"')).length;
+      await waitFor(() => pingsAfterB() >= 2, "a ping after the sends, and the next one after its pong");
+      guest.send("c");
+      await waitFor(() => fake.connections[0]!.some((f) => f.includes('"c"')), "c at the relay");
+      live!.terminate();
+      await events.next("reconnected");
+      await waitFor(() => sends(fake.connections[1] ?? []).length === 2, "the resend");
+      expect(sends(fake.connections[1]!)).toEqual([expect.stringContaining('"join"'), '{"type":"send","n":3,"data":"c"}']);
+      await guest.leave();
+    } finally {
+      fake.stop(true);
+    }
+  });
+
+  test("with a quarter of queueMaxMessages unconfirmed, the client pings at once instead of waiting for the heartbeat", async () => {
+    const fake = scriptedRelay((msg, reply) => {
+      if (msg.type === "leave") return reply({ type: "left", room: "AAAAAA" });
+      if (msg.type === "join") reply(joined());
+    });
+    try {
+      const guest = await joinRoom(`ws://127.0.0.1:${fake.port}`, "AAAAAA", { ...FAST, storage: "none", queueMaxMessages: 8, pingIntervalMs: 60_000 });
+      guest.send("a");
+      guest.send("b"); // 2 of 8 unconfirmed
+      await waitFor(() => fake.connections[0]!.length === 4, "two sends and a ping");
+      expect(fake.connections[0]!.slice(1).map((f) => JSON.parse(f).type)).toEqual(["send", "send", "ping"]);
+      await guest.leave();
+    } finally {
+      fake.stop(true);
+    }
+  });
+
+  test("a reload reclaiming its slot numbers above the slot's `received`; a relay without `seq` (Party-Sockets 2.x) gets no n", async () => {
+    const fake = scriptedRelay((msg, reply, _ws, connection) => {
+      if (msg.type === "leave") return reply({ type: "left", room: "AAAAAA" });
+      if (msg.type !== "join") return;
+      const { seq: _seq, ...withoutSeq } = joined();
+      reply(connection === 0 ? joined({ received: 41 }) : withoutSeq);
+    });
+    try {
+      const reloaded = await joinRoom(`ws://127.0.0.1:${fake.port}`, "AAAAAA", { ...FAST, storage: "none" });
+      reloaded.send("x");
+      const old = await joinRoom(`ws://127.0.0.1:${fake.port}`, "AAAAAA", { ...FAST, storage: "none" });
+      old.send("y", 0);
+      await waitFor(() => sends(fake.connections[0]!).length === 2 && sends(fake.connections[1]!).length === 2, "both sends");
+      expect(sends(fake.connections[0]!)[1]).toBe('{"type":"send","n":42,"data":"x"}');
+      expect(sends(fake.connections[1]!)[1]).toBe('{"type":"send","to":0,"data":"y"}');
+      await reloaded.leave();
+      await old.leave();
     } finally {
       fake.stop(true);
     }

@@ -33,7 +33,7 @@ const WEIRD_VALUES: readonly unknown[] = [
   { constructor: { prototype: { polluted: true } } }, { toString: 1 }, { valueOf: "x" },
 ];
 const TYPES = ["create", "join", "send", "set_state", "close_room", "leave", "ping", "kick", "nope", "", "CREATE", "__proto__", "toString"];
-const FIELDS = ["type", "clientId", "maxClients", "room", "data", "to", "url", "id", "index", "__proto__", "constructor"];
+const FIELDS = ["type", "clientId", "maxClients", "room", "data", "to", "n", "url", "id", "index", "__proto__", "constructor"];
 /** The first TYPES entry that is no message type. */
 const FIRST_UNKNOWN_TYPE = TYPES.indexOf("nope");
 
@@ -324,5 +324,65 @@ test(`seed ${SEED}: the send fast path accepts exactly the data JSON.parse accep
   expect(expectedData.length).toBeGreaterThan(500);
   expect(expectedErrors).toBeGreaterThan(500);
   expect(sent).toBe(expectedData.length + expectedErrors);
+  await r.stop();
+});
+
+// Lossless sends: `n` is read in place on the fast path and by JSON.parse on the
+// general one. Seeded hostile and near-miss `n` texts, in both positions the
+// fast path knows and elsewhere, must come out exactly as the rule says:
+// invalid JSON → invalid_json; n not a positive safe integer → invalid_n and
+// nothing relayed; n not above the highest accepted → dropped silently.
+const N_TEXTS: readonly string[] = [
+  "0", "-0", "-1", "1.5", "1e3", "2.0", "01", "00", "+1", " 1", "1 ", "", "null", "true", '"1"', "[1]", "{}", "NaN",
+  "9007199254740992", "99999999999999999999", "0x10", "1e400", "-999999999999999",
+];
+/** Valid, and past any number the loop draws: sent last, the fast path's longest and the general path's. */
+const N_LARGEST: readonly string[] = ["999999999999999", "1000000000000000", "9007199254740991"];
+
+test(`seed ${SEED}: n is checked alike on the fast and the general path (invalid_n, duplicates)`, async () => {
+  const r = testRelay({ rateLimitPerSec: 0 });
+  const { host, code } = await createRoom(r);
+  const guest = await joinRoom(r, code);
+  const rng = prng(SEED + 2);
+  let received = 0;
+  const expectedData: number[] = [];
+  const expectedErrors: string[] = [];
+  const FRAMES = 3000;
+  for (let i = 0; i < FRAMES + N_LARGEST.length; i++) {
+    // Mostly numbers near the highest accepted (new, or duplicates), often hostile text.
+    const nText = i >= FRAMES ? N_LARGEST[i - FRAMES]! : rng.next() < 0.4 ? rng.pick(N_TEXTS) : String(Math.max(0, received + rng.int(5) - 2));
+    const shape = rng.int(4);
+    const text =
+      shape === 0 ? `{"type":"send","n":${nText},"data":${i}}`
+      : shape === 1 ? `{"type":"send","to":1,"n":${nText},"data":${i}}`
+      : shape === 2 ? `{"type":"send","data":${i},"n":${nText}}`
+      : `{"n":${nText},"to":[1],"type":"send","data":${i}}`;
+    let parsed: Record<string, unknown> | undefined;
+    try {
+      parsed = JSON.parse(text);
+    } catch {
+      parsed = undefined;
+    }
+    const n = parsed?.n;
+    if (!parsed) expectedErrors.push("invalid_json");
+    else if (!(Number.isSafeInteger(n) && (n as number) > 0)) expectedErrors.push("invalid_n");
+    else if ((n as number) > received) {
+      received = n as number;
+      expectedData.push(i);
+    }
+    host.send(text);
+  }
+  await host.barrier();
+  await guest.client.barrier();
+  expect(guest.client.frames.filter((f) => f.type === "message").map((f) => f.data)).toEqual(expectedData);
+  expect(host.frames.filter((f) => f.type === "error").map((f) => f.code)).toEqual(expectedErrors);
+  host.send({ type: "ping", id: "end" });
+  expect((await host.next("pong")).received).toBe(received);
+  // Every outcome occurs in volume, so no side of the check is vacuous.
+  expect(expectedData.length).toBeGreaterThan(300);
+  expect(expectedErrors.filter((c) => c === "invalid_n").length).toBeGreaterThan(300);
+  expect(expectedErrors.filter((c) => c === "invalid_json").length).toBeGreaterThan(100);
+  expect(FRAMES - expectedData.length - expectedErrors.length).toBeGreaterThan(300);
+  expect(received).toBe(Number.MAX_SAFE_INTEGER);
   await r.stop();
 });

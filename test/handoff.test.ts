@@ -286,12 +286,12 @@ describe("SIGTERM hands each room to the region's other machine", () => {
       expect(await info.json()).toMatchObject({ clients: 0, maxClients: 4, origin: "https://party.example" });
     });
 
-    test("an adopted room keeps its slots, state, seq and resume ring: a member reclaims its slot and resumes", async () => {
-      const body = transferBody();
+    test("an adopted room keeps its slots, state, seq, resume ring and each slot's highest n: a member reclaims its slot and resumes", async () => {
+      const body = transferBody({ slots: [{ clientId: "t-host", since: 0 }, { clientId: "t-player", since: 0, received: 7 }] });
       expect((await post("h2", body)).status).toBe(201);
       const player = await TestClient.connect(`ws://127.0.0.3:${cluster.port}/${body.code}`);
       player.send({ type: "join", clientId: "t-player", room: body.code, resume: 0 });
-      expect(await player.next("joined")).toMatchObject({ index: 1, seq: 2, resumed: true, peers: [] });
+      expect(await player.next("joined")).toMatchObject({ index: 1, seq: 2, resumed: true, peers: [], received: 7 });
       expect(await player.next("message")).toEqual({ type: "message", from: 0, seq: 1, data: "hello" });
       expect(await player.next("state")).toEqual({ type: "state", seq: 2, data: { round: 3 } });
       const stranger = await TestClient.connect(`ws://127.0.0.3:${cluster.port}/${body.code}`);
@@ -330,6 +330,7 @@ describe("SIGTERM hands each room to the region's other machine", () => {
       ["a frame from a slot that does not exist", () => transferBody({ frames: [{ seq: 1, ageMs: 0, from: 9, to: -1, frame: '{"type":"message","from":9,"seq":1}' }] }), 400],
       ["a malformed lost record", () => transferBody({ lost: { broadcastSeq: "x" } }), 400],
       ["a host grace past HOST_GRACE_MS", () => transferBody({ hostGraceMs: 10 ** 9 }), 400],
+      ["a highest n that is not a frame number", () => transferBody({ slots: [{ clientId: "a", since: 0, received: 1.5 }] }), 400],
       ["a kicked host", () => transferBody({ slots: [{ clientId: "a", since: 0, kicked: true }] }), 400],
       ["a kicked flag not a boolean", () => transferBody({ slots: [{ clientId: "a", since: 0 }, { clientId: "b", since: 0, kicked: 1 }] }), 400],
     ];

@@ -1,6 +1,6 @@
 // A loopback TCP proxy between a client and the relay, for tests that need a
-// network to fail: cut connections (no close frame), refuse new ones, or freeze
-// live ones so nothing passes and nobody is told.
+// network to fail: cut connections (no close frame), refuse new ones, freeze
+// live ones so nothing passes and nobody is told, or blackhole everything.
 
 import type { Socket, TCPSocketListener } from "bun";
 
@@ -15,12 +15,16 @@ interface ProxyConn {
 
 /**
  * A loopback TCP proxy in front of the relay. `cut()` resets every connection (the client sees
- * 1006, no close frame); `refuse` makes new connections fail; `freeze()` silences live ones.
+ * 1006, no close frame); `refusing` makes new connections fail; `freeze()` silences live ones;
+ * `blackholing` silences live ones and every new one too (no FIN, no RST: a dead network).
  */
 export function startProxy(targetPort: number) {
   const conns = new Set<ProxyConn>();
   const requests: string[] = [];
   let refusing = false;
+  let blackholing = false;
+  /** Connections opened into the blackhole: reset when it ends, as a new network would. */
+  const swallowed = new Set<ProxyConn>();
   const listener: TCPSocketListener<ProxyConn | undefined> = Bun.listen<ProxyConn | undefined>({
     hostname: "127.0.0.1",
     port: 0,
@@ -28,9 +32,10 @@ export function startProxy(targetPort: number) {
     socket: {
       open(client) {
         if (refusing) return client.terminate();
-        const conn: ProxyConn = { client, pending: [], frozen: false, sawRequest: false };
+        const conn: ProxyConn = { client, pending: [], frozen: blackholing ? "both" : false, sawRequest: false };
         client.data = conn;
         conns.add(conn);
+        if (blackholing) swallowed.add(conn);
         Bun.connect<ProxyConn>({
           hostname: "127.0.0.1",
           port: targetPort,
@@ -79,6 +84,19 @@ export function startProxy(targetPort: number) {
     requests,
     set refusing(value: boolean) {
       refusing = value;
+    },
+    /** While true nothing passes on any connection, old or new; set false, new connections pass again. */
+    set blackholing(value: boolean) {
+      blackholing = value;
+      if (value) {
+        this.freeze("both");
+        return;
+      }
+      for (const conn of swallowed) {
+        conn.client.terminate();
+        conn.upstream?.terminate();
+      }
+      swallowed.clear();
     },
     cut(): void {
       for (const conn of [...conns]) {
