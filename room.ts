@@ -399,18 +399,29 @@ export interface RoomStart {
   url?: string;
 }
 
+/** Every field written, optional ones too, so that every room has one shape (created or adopted). */
 export function newRoom<S>(start: RoomStart): Room<S> {
   return {
-    ...start,
+    code: start.code,
     // The code itself: topics are per server and nothing else subscribes (one string fewer per room).
     topic: start.code,
+    maxClients: start.maxClients,
+    origin: start.origin,
+    creatorIp: start.creatorIp,
+    url: start.url,
     slots: [],
     byClientId: new Map(),
     present: 0,
-    closed: false,
-    uncheckedBytes: 0,
+    stateFrame: undefined,
     seq: 0,
     ring: undefined,
+    hostGraceTimer: undefined,
+    hostGraceUntilMs: undefined,
+    moving: false,
+    transferId: undefined,
+    movingGraceUntilMs: undefined,
+    closed: false,
+    uncheckedBytes: 0,
   };
 }
 
