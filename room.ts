@@ -1,8 +1,9 @@
 // The room model of party-sockets: a room is plain data, and the functions here
 // read or change it without touching a socket, a timer or the network (the relay
 // in server.ts wires them to Bun's sockets). Read top to bottom: the room and its
-// slots, the relayed-frame encoder and the resume ring, then the transfer value a
-// deploy hands to another machine, with the two functions that write and read it.
+// slots, the relayed-frame encoder and the resume ring, the rules (who gets which
+// slot on a join, what a resume replays), then the transfer value a deploy hands
+// to another machine, with the two functions that write and read it.
 //
 // Types are generic over the socket handle `S`, so this file needs nothing from Bun
 // and test/room.test.ts drives it with no socket at all.
@@ -438,6 +439,47 @@ export function presentPeers<S>(room: Room<S>, except: Member<S>): number[] {
   const peers: number[] = [];
   for (const m of room.slots) if (m.ws && m !== except) peers.push(m.index);
   return peers;
+}
+
+/** What a `join` with this clientId may do here (the caller asks the miss budget first and moves the sockets). */
+export type JoinVerdict<S> =
+  | { kind: "refuse"; code: "kicked" | "room_full" }
+  /** The clientId's slot is live on another socket: this one takes it over (4000 to the old one). */
+  | { kind: "replace"; member: Member<S> }
+  /** Its own vacant slot comes back. */
+  | { kind: "reclaim"; member: Member<S> }
+  /** A new slot, at the next index. */
+  | { kind: "new" };
+
+/**
+ * The join rules: a kicked slot's clientId never comes back; a live slot is
+ * taken over even in a full room (no one is added); otherwise `maxClients`
+ * caps present members, and `maxSlots` caps the slots a room may ever make.
+ */
+export function joinVerdict<S>(room: Room<S>, clientId: string, maxSlots: number): JoinVerdict<S> {
+  const owned = room.byClientId.get(clientId);
+  if (owned?.kicked) return { kind: "refuse", code: "kicked" };
+  if (owned?.ws) return { kind: "replace", member: owned };
+  if (room.present >= room.maxClients) return { kind: "refuse", code: "room_full" };
+  if (owned) return { kind: "reclaim", member: owned };
+  if (room.slots.length >= maxSlots) return { kind: "refuse", code: "room_full" };
+  return { kind: "new" };
+}
+
+/** Lossless reconnect: whether a `join` with `resume` gets every missed frame (after `after`), or the snapshot. */
+export interface ResumePlan {
+  resumed: boolean;
+  /** Replay what came after this seq (nothing older than the slot itself). */
+  after: number;
+  /** The oldest seq still held, for `joined.oldest` when not resumed. */
+  oldest: number;
+}
+
+/** `resume` undefined: a join that did not ask, or a new slot (which has missed nothing it could get back). */
+export function resumePlan<S>(room: Room<S>, member: Member<S>, resume: number | undefined): ResumePlan {
+  const after = Math.max(resume ?? 0, member.sinceSeq);
+  const resumed = resume !== undefined && after <= room.seq && !room.ring?.lostSince(member.index, after);
+  return { resumed, after, oldest: room.ring?.oldest() ?? room.seq + 1 };
 }
 
 // ======================================================= the transfer value

@@ -33,6 +33,8 @@ import { decodeRoomCode, generateRoomCode, regionOfCode } from "./regions.ts";
 import {
   addMember,
   CLOSE_BRACE,
+  joinVerdict,
+  resumePlan,
   DATA_FIELD,
   FRAME_OVERHEAD_BYTES,
   FrameRing,
@@ -1305,11 +1307,10 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       misses.charge(ip, nowMs);
       return sendError(ws, "room_not_found");
     }
-    if (owned?.kicked) return sendError(ws, "kicked");
-    if (owned?.ws) return replace(ws, room, owned, msg.resume);
-    if (room.present >= room.maxClients) return sendError(ws, "room_full");
-    if (!owned && room.slots.length >= maxSlotsPerRoom) return sendError(ws, "room_full");
-    const member = owned ?? addMember(room, msg.clientId);
+    const verdict = joinVerdict(room, msg.clientId, maxSlotsPerRoom);
+    if (verdict.kind === "refuse") return sendError(ws, verdict.code);
+    if (verdict.kind === "replace") return replace(ws, room, verdict.member, msg.resume);
+    const member = verdict.kind === "reclaim" ? verdict.member : addMember(room, msg.clientId);
     seat(ws, room, member);
     room.present++;
     if (member.index === 0) {
@@ -1341,9 +1342,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
    * the ring still reaches back that far) or the state snapshot.
    */
   function sendJoined(ws: Socket, room: Room, member: Member, resume: number | undefined, askedToResume: boolean): void {
-    const after = resume === undefined ? undefined : Math.max(resume, member.sinceSeq);
-    const oldest = room.ring?.oldest() ?? room.seq + 1;
-    const resumed = after !== undefined && after <= room.seq && !room.ring?.lostSince(member.index, after);
+    const plan = resumePlan(room, member, resume);
+    const resumed = plan.resumed;
     const joined = {
       type: "joined",
       room: room.code,
@@ -1354,13 +1354,13 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       url: room.url,
       seq: room.seq,
       resumed: askedToResume ? resumed : undefined,
-      oldest: askedToResume && !resumed ? oldest : undefined,
+      oldest: askedToResume && !resumed ? plan.oldest : undefined,
       // Absent (as for a Party-Sockets 2.x client) until the slot numbered a frame.
       received: member.received || undefined,
     };
     deliver(ws, JSON.stringify(joined));
     if (askedToResume) bump(counters.resumes, resumed ? "resumed" : "too_old");
-    if (resumed) return replayMissed(ws, room, member.index, after);
+    if (resumed) return replayMissed(ws, room, member.index, plan.after);
     if (room.stateFrame !== undefined) deliver(ws, room.stateFrame);
   }
 

@@ -1,5 +1,5 @@
-// The room model (room.ts) driven without a socket: slots, the resume ring and the
-// transfer value a deploy hands to another machine. The "socket" of a member is a
+// The room model (room.ts) driven without a socket: slots, the join and resume
+// rules, the resume ring and the transfer value a deploy hands to another machine. The "socket" of a member is a
 // plain string here; the model only asks whether there is one.
 import { describe, expect, test } from "bun:test";
 import {
@@ -7,9 +7,11 @@ import {
   DATA_FIELD,
   FrameRing,
   FrameWriter,
+  joinVerdict,
   MESSAGE_HEAD,
   newRoom,
   presentPeers,
+  resumePlan,
   roomFromTransfer,
   roomToTransfer,
   SEQ_FIELD,
@@ -143,5 +145,57 @@ describe("the transfer value", () => {
     expect(roomToTransfer(room, "t", "s", NOW_MS).hostGraceMs).toBeUndefined();
     room.hostGraceUntilMs = NOW_MS + 40_000;
     expect(roomToTransfer(room, "t", "s", NOW_MS + 1_000).hostGraceMs).toBe(39_000);
+  });
+});
+
+describe("the join rules", () => {
+  const room = () => {
+    const r = newRoom<string>({ code: "abcdef", maxClients: 2, origin: "o", creatorIp: "" });
+    addMember(r, "host").ws = "socket-host";
+    addMember(r, "away");
+    r.present = 1;
+    return r;
+  };
+
+  test("a kicked clientId is refused, even when its slot is vacant and the room has space", () => {
+    const r = room();
+    r.slots[1]!.kicked = true;
+    expect(joinVerdict(r, "away", 8)).toEqual({ kind: "refuse", code: "kicked" });
+  });
+
+  test("a live slot is taken over, even in a full room", () => {
+    const r = room();
+    r.maxClients = 1;
+    expect(joinVerdict(r, "host", 8)).toMatchObject({ kind: "replace", member: { index: 0 } });
+  });
+
+  test("a vacant own slot comes back while the room has space, and waits when it is full", () => {
+    const r = room();
+    expect(joinVerdict(r, "away", 8)).toMatchObject({ kind: "reclaim", member: { index: 1 } });
+    r.present = 2;
+    expect(joinVerdict(r, "away", 8)).toEqual({ kind: "refuse", code: "room_full" });
+  });
+
+  test("a new clientId gets a new slot until the room has made maxSlots of them", () => {
+    const r = room();
+    expect(joinVerdict(r, "new", 3)).toEqual({ kind: "new" });
+    expect(joinVerdict(r, "new", 2)).toEqual({ kind: "refuse", code: "room_full" });
+  });
+});
+
+describe("the resume rules", () => {
+  test("a resume inside the ring replays what came after it; never anything older than the slot", () => {
+    const r = playedRoom();
+    expect(resumePlan(r, r.slots[1]!, 1)).toEqual({ resumed: true, after: 1, oldest: 1 });
+    r.slots[1]!.sinceSeq = 3;
+    expect(resumePlan(r, r.slots[1]!, 0).after).toBe(3);
+  });
+
+  test("a resume from the future, one whose frames were given up, or none at all is not resumed", () => {
+    const r = playedRoom();
+    expect(resumePlan(r, r.slots[1]!, 99).resumed).toBe(false);
+    expect(resumePlan(r, r.slots[1]!, undefined).resumed).toBe(false);
+    r.ring!.dropOldest();
+    expect(resumePlan(r, r.slots[3]!, 0)).toEqual({ resumed: false, after: 0, oldest: 2 });
   });
 });
