@@ -341,6 +341,36 @@ describe("SIGTERM hands each room to the region's other machine", () => {
       expect(await res.text()).not.toContain("xxxxxxxx");
     });
 
+    test("300 seeded mutants of a valid transfer: never a 5xx, never a crash, and the peer keeps serving", async () => {
+      let seed = 17;
+      const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+      const pick = <T,>(list: readonly T[]): T => list[Math.floor(random() * list.length)]!;
+      const oddValues = [null, -1, 0, 1.5, 2 ** 60, "", "x".repeat(300), [], {}, true, [-1], [0, 0], "{", '{"type":"state","seq":1}'];
+      /** Replaces one value somewhere in the body (any depth) with an odd one, or deletes it. */
+      const mutate = (node: unknown): unknown => {
+        if (Array.isArray(node) && node.length > 0 && random() < 0.7) {
+          const at = Math.floor(random() * node.length);
+          return node.map((v, i) => (i === at ? mutate(v) : v));
+        }
+        if (node && typeof node === "object" && !Array.isArray(node) && random() < 0.8) {
+          const key = pick(Object.keys(node));
+          const copy: Record<string, unknown> = { ...(node as Record<string, unknown>) };
+          if (random() < 0.15) delete copy[key];
+          else copy[key] = mutate(copy[key]);
+          return copy;
+        }
+        return pick(oddValues);
+      };
+      const statuses = new Map<number, number>();
+      for (let i = 0; i < 300; i++) {
+        const res = await post("h2", mutate(transferBody()));
+        statuses.set(res.status, (statuses.get(res.status) ?? 0) + 1);
+        expect(res.status).toBeLessThan(500);
+      }
+      expect(statuses.get(400)).toBeGreaterThan(100);
+      expect((await fetch(`${address("h2")}/health`)).status).toBe(200);
+    });
+
     test("a body past the bound is 413, declared or streamed, and the peer keeps serving", async () => {
       const huge = JSON.stringify(transferBody({ origin: "x".repeat(8 * 1024 * 1024) }));
       expect((await post("h2", huge)).status).toBe(413);
