@@ -598,8 +598,6 @@ const TRANSFER_ID_PATTERN = /^[A-Za-z0-9-]{8,64}$/;
 const ORIGIN_MAX_CHARS = 200;
 /** Rooms offered at once on SIGTERM: enough to keep a peer busy, few enough not to stall it. */
 const HANDOFF_CONCURRENCY = 16;
-/** How long an exit waits for close frames (4005, 1001) to complete; Bun gives a slow peer about 4 s. */
-const CLOSE_FLUSH_MS = 2000;
 const HANDOFF_RESULTS = ["moved", "refused", "failed", "no_peer"] as const;
 type HandoffResult = (typeof HANDOFF_RESULTS)[number];
 
@@ -1617,27 +1615,6 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     if (left > 0) connectionsByIp.set(ip, left);
     else connectionsByIp.delete(ip);
     if (room && member && member.ws === ws) vacate(room, member, ws);
-    if (closesAwaited && ![...conns].some((c) => c.data.closing)) closesAwaited();
-  }
-
-  let closesAwaited: (() => void) | undefined;
-
-  /**
-   * Resolves once every close the relay started has completed (or after
-   * CLOSE_FLUSH_MS): exiting earlier would cut the close frames, and a member
-   * would see 1006 instead of 4005 "moved" (or 1001).
-   */
-  function closesFlushed(): Promise<void> {
-    if (![...conns].some((c) => c.data.closing)) return Promise.resolve();
-    return new Promise((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        closesAwaited = undefined;
-        resolve();
-      };
-      const timer = setTimeout(done, CLOSE_FLUSH_MS);
-      closesAwaited = done;
-    });
   }
 
   // ------------------------------------------------------------ heartbeat
@@ -2106,7 +2083,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       drained = () => {
         clearTimeout(drainTimer);
         log.info("drain_end", { rooms: rooms.size });
-        void closesFlushed().then(resolve);
+        resolve();
       };
       if (rooms.size === 0) return drained();
       if (handoffEnabled) void handOffAll();
