@@ -2,7 +2,7 @@
 //
 // One Bun process keeps rooms of numbered slots in memory and forwards JSON
 // between them. It never interprets game data. Read top to bottom: options,
-// inbound validation, the room model (with the resume ring), logging, metric
+// inbound validation, the room model (with the resume log), logging, metric
 // counters, multi-machine routing, then the factory that wires rooms, handlers,
 // HTTP, metrics and lifecycle together, and the block that runs when this file
 // is started directly.
@@ -579,8 +579,8 @@ interface Room {
   stateFrame?: string;
   /** Last sequence number given to a relayed frame. */
   seq: number;
-  /** Recent relayed frames, for `join` with `resume`; made on the first one (idle rooms cost nothing). */
-  ring?: FrameRing;
+  /** What the room keeps for `join` with `resume`; made on its first relayed frame (idle rooms cost nothing). */
+  frames?: RoomFrames;
   hostGraceTimer?: Timer;
   closed: boolean;
   /** Bytes published to the room since its members' backlogs were last checked. */
@@ -589,17 +589,6 @@ interface Room {
 
 /** Whom a relayed frame was addressed to: everyone but its sender, one slot, or a list of slots. */
 type Recipients = undefined | number | number[];
-
-// First allocation of a room's ring; it doubles from there. Small, because most
-// rooms are short: in the churn bench (one frame per room) the first ring's
-// allocations took 8 % of CPU samples with eight typed arrays and 2 KiB, 4 % with
-// one index array and 512 bytes.
-const RING_MIN_BYTES = 512;
-const RING_MIN_FRAMES = 8;
-// A busy room's index grows from RING_MIN_FRAMES to its bound in a few steps rather than
-// ten. The bytes only double: a room's buffer is about twice what it holds, and growing it
-// faster measured 500 busy rooms at 250 MB of heap instead of 130 MB.
-const RING_INDEX_GROWTH = 4;
 
 /** `{"type":"message","from":` */
 const MESSAGE_HEAD = Buffer.from('{"type":"message","from":');
@@ -612,7 +601,7 @@ const FRAME_OVERHEAD_BYTES = MESSAGE_HEAD.length + SEQ_FIELD.length + DATA_FIELD
 
 /**
  * Builds each relayed frame as UTF-8 in one reused buffer, then reads it back
- * as one flat string. The bytes are what the resume ring keeps, so a frame is
+ * as one flat string. The bytes are what the resume log keeps, so a frame is
  * encoded once; and in the saturated fanout bench a concatenated frame (a rope
  * Bun must flatten) cost more per delivery: the relay went from 0.53 to 0.45 µs
  * (Bun 1.4.5; at an unsaturated fixed rate the two ways cost the same).
@@ -690,95 +679,48 @@ class FrameWriter {
   }
 }
 
-// Zero-length, never written: an empty ring allocates nothing.
 const NO_BYTES = Buffer.alloc(0);
 const NO_F64 = new Float64Array(0);
-// A frame's record in the ring's index: RECORD numbers, at these positions.
+// A frame's record in the log: RECORD numbers, at these positions.
 const REC_SEQ = 0;
 const REC_AT_MS = 1;
 const REC_OFFSET = 2;
 const REC_LENGTH = 3;
 /** The sender's slot. */
 const REC_FROM = 4;
-/** -1: everyone but the sender; -2: the list in `lists`; else the one target slot. */
+/** -1: everyone but the sender; -2: the list in the room's `lists`; else the one target slot. */
 const REC_TO = 5;
-const RECORD = 6;
+/** The id of the same room's next record (valid while the room holds more than this one). */
+const REC_NEXT = 6;
+const RECORD = 7;
+/** First size of the record array; it doubles from there. */
+const LOG_MIN_RECORDS = 1024;
+/**
+ * The log holds at most one frame per this many of its bytes, so its index (64 bytes a record,
+ * with the owner) stays within half the log. A game frame is about 160 bytes; frames shorter
+ * than this on average (a bare `{"type":"message","from":0,"seq":1}` is 35) are bounded by the
+ * record count instead, and the oldest still goes first.
+ */
+const LOG_BYTES_PER_RECORD = 128;
 
 /**
- * A room's recently relayed frames, kept for `join` with `resume`. Frames stay
- * for seconds: long enough that, kept as strings, the garbage collector would
- * promote them and pay for full collections at message rate (measured: about a
- * third of the relay's CPU in a busy room). So each frame is copied as UTF-8
- * into one circular byte buffer, described by records in one Float64Array: no
- * object per frame, and two allocations for a room's first frame. Both grow on
- * demand up to the room's bounds and are freed when emptied.
+ * What one room keeps for `join` with `resume`: its frames in the resume log, a
+ * chain of record ids from oldest to newest, and what it had to give up.
  */
-class FrameRing {
-  private bytes = NO_BYTES;
-  /** Frame records (REC_*), a circular array of `capacity` records starting at `head`. */
-  private index = NO_F64;
-  private capacity = 0;
-  private lists: Map<number, number[]> | undefined;
+class RoomFrames {
+  /** Record ids of the oldest and newest frame held; -1 when none. */
+  firstId = -1;
+  lastId = -1;
+  count = 0;
+  /** UTF-8 bytes held. */
+  size = 0;
+  /** The recipients of the `to: [...]` frames held, by seq. */
+  lists: Map<number, number[]> | undefined;
   /** The last broadcast given up, and the last one given up from any other sender. */
   private lostBroadcast = { seq: 0, from: -1 };
   private lostBroadcastOtherSeq = 0;
   /** Per slot, the last targeted frame given up. */
   private lostTargeted: Map<number, number> | undefined;
-  private head = 0;
-  private writeAt = 0;
-  count = 0;
-  /** UTF-8 bytes held. */
-  size = 0;
-
-  constructor(private readonly maxFrames: number, private readonly maxBytes: number) {}
-
-  /** The oldest seq held, if any. */
-  oldest(): number | undefined {
-    return this.count > 0 ? this.index[this.head * RECORD + REC_SEQ] : undefined;
-  }
-
-  /** Keeps a frame, dropping the oldest as needed; a frame larger than the whole bound is given up with all the rest. */
-  push(seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
-    const length = frame.length;
-    if (length > this.maxBytes) {
-      while (this.count > 0) this.dropOldest();
-      this.release();
-      return this.forget(seq, from, to);
-    }
-    while (this.count > 0 && (this.count >= this.maxFrames || this.size + length > this.maxBytes)) this.dropOldest();
-    this.reserve(length);
-    const at = this.place(length);
-    frame.copyTo(this.bytes, at);
-    const r = this.record(this.count);
-    const index = this.index;
-    index[r + REC_SEQ] = seq;
-    index[r + REC_AT_MS] = atMs;
-    index[r + REC_OFFSET] = at;
-    index[r + REC_LENGTH] = length;
-    index[r + REC_FROM] = from;
-    index[r + REC_TO] = to === undefined ? -1 : typeof to === "number" ? to : -2;
-    if (Array.isArray(to)) (this.lists ??= new Map()).set(seq, to);
-    this.count++;
-    this.size += length;
-    this.writeAt = at + length;
-  }
-
-  /** Drops frames older than `cutoffMs`; an emptied ring gives its memory back. */
-  expire(cutoffMs: number): void {
-    while (this.count > 0 && this.index[this.head * RECORD + REC_AT_MS]! < cutoffMs) this.dropOldest();
-    if (this.count === 0 && this.bytes.length > 0) this.release();
-  }
-
-  dropOldest(): void {
-    const r = this.head * RECORD;
-    const seq = this.index[r + REC_SEQ]!;
-    const to = this.index[r + REC_TO]!;
-    this.forget(seq, this.index[r + REC_FROM]!, to === -1 ? undefined : to === -2 ? this.lists!.get(seq) : to);
-    if (to === -2) this.lists!.delete(seq);
-    this.size -= this.index[r + REC_LENGTH]!;
-    this.head = (this.head + 1) % this.capacity;
-    this.count--;
-  }
 
   /**
    * Records that frame `seq` can no longer be replayed to its recipients, so a
@@ -804,78 +746,182 @@ class FrameRing {
     const broadcast = this.lostBroadcast.from !== index ? this.lostBroadcast.seq : this.lostBroadcastOtherSeq;
     return broadcast > afterSeq || (this.lostTargeted?.get(index) ?? 0) > afterSeq;
   }
+}
 
-  /** Frees the buffers of an empty ring (what was given up stays recorded). */
-  private release(): void {
-    this.bytes = NO_BYTES;
-    this.index = NO_F64;
-    this.lists = undefined;
-    this.capacity = this.head = this.writeAt = this.count = this.size = 0;
+/**
+ * Every room's recently relayed frames, for `join` with `resume`, in one
+ * circular byte buffer for the whole process. Frames stay for seconds: kept as
+ * strings, the garbage collector would promote them and pay for full
+ * collections at message rate (measured: about a third of the relay's CPU in a
+ * busy room). Kept in a buffer per room, that buffer had to grow, copying itself
+ * each time, and 500 busy rooms held 4-5 times the bytes they kept (RSS 240-300
+ * MB for 32 MiB of frames). So each frame is copied once as UTF-8 to the head of
+ * one log of `maxBytes`, allocated on the first frame and released when empty,
+ * and described by a record in one Float64Array; a room links its own records.
+ *
+ * The oldest frame in the process goes first when the log is full, so under
+ * pressure every room keeps the same span of time; a room's own bounds (frames,
+ * bytes) drop its oldest early, and those bytes are reused when the log comes
+ * round to them.
+ */
+class ResumeLog {
+  private bytes = NO_BYTES;
+  /** Records (REC_*), a circular array of `capacity`: record `id` lives at slot `id % capacity`. */
+  private records = NO_F64;
+  /** The room whose frame each slot holds; undefined once the room gave it up. */
+  private owners: (RoomFrames | undefined)[] = [];
+  private capacity = 0;
+  private readonly maxRecords: number;
+  /** Ids of the oldest record and of the next one to be written. */
+  private headId = 0;
+  private nextId = 0;
+  private writeAt = 0;
+  /** UTF-8 bytes of the frames rooms still hold. */
+  held = 0;
+
+  constructor(
+    private readonly maxBytes: number,
+    private readonly roomFrames: number,
+    private readonly roomBytes: number,
+  ) {
+    this.maxRecords = Math.max(LOG_MIN_RECORDS, Math.ceil(maxBytes / LOG_BYTES_PER_RECORD));
   }
 
-  /** Every frame after `afterSeq` addressed to `index`, oldest first. */
-  *addressedTo(index: number, afterSeq: number): Generator<string> {
-    for (let i = 0; i < this.count; i++) {
-      const r = this.record(i);
-      const seq = this.index[r + REC_SEQ]!;
-      if (seq <= afterSeq) continue;
-      const to = this.index[r + REC_TO]!;
-      const addressed = to === -1 ? this.index[r + REC_FROM] !== index : to === -2 ? this.lists!.get(seq)!.includes(index) : to === index;
-      const offset = this.index[r + REC_OFFSET]!;
-      if (addressed) yield this.bytes.toString("utf8", offset, offset + this.index[r + REC_LENGTH]!);
+  /** Keeps a frame of `room`; one larger than the room's bound is given up with all the room holds. */
+  push(room: RoomFrames, seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
+    const length = frame.length;
+    if (length > this.roomBytes || length > this.maxBytes) {
+      while (room.count > 0) this.dropOldestOf(room);
+      return room.forget(seq, from, to);
+    }
+    while (room.count > 0 && (room.count >= this.roomFrames || room.size + length > this.roomBytes)) this.dropOldestOf(room);
+    if (this.bytes.length === 0) this.bytes = Buffer.allocUnsafeSlow(this.maxBytes);
+    const at = this.place(length);
+    if (this.nextId - this.headId === this.capacity) this.growRecords();
+    frame.copyTo(this.bytes, at);
+    const id = this.nextId++;
+    const r = this.slot(id);
+    const records = this.records;
+    records[r + REC_SEQ] = seq;
+    records[r + REC_AT_MS] = atMs;
+    records[r + REC_OFFSET] = at;
+    records[r + REC_LENGTH] = length;
+    records[r + REC_FROM] = from;
+    records[r + REC_TO] = to === undefined ? -1 : typeof to === "number" ? to : -2;
+    this.owners[id % this.capacity] = room;
+    if (room.count > 0) records[this.slot(room.lastId) + REC_NEXT] = id;
+    else room.firstId = id;
+    room.lastId = id;
+    room.count++;
+    room.size += length;
+    this.held += length;
+    if (Array.isArray(to)) (room.lists ??= new Map()).set(seq, to);
+    this.writeAt = at + length;
+  }
+
+  /** The oldest seq `room` holds, if any. */
+  oldest(room: RoomFrames): number | undefined {
+    return room.count > 0 ? this.records[this.slot(room.firstId) + REC_SEQ] : undefined;
+  }
+
+  /** Every frame of `room` after `afterSeq` addressed to slot `index`, oldest first. */
+  *addressedTo(room: RoomFrames, index: number, afterSeq: number): Generator<string> {
+    for (let id = room.firstId, left = room.count; left > 0; left--) {
+      const r = this.slot(id);
+      const seq = this.records[r + REC_SEQ]!;
+      const to = this.records[r + REC_TO]!;
+      const addressed = to === -1 ? this.records[r + REC_FROM] !== index : to === -2 ? room.lists!.get(seq)!.includes(index) : to === index;
+      const offset = this.records[r + REC_OFFSET]!;
+      if (seq > afterSeq && addressed) yield this.bytes.toString("utf8", offset, offset + this.records[r + REC_LENGTH]!);
+      id = this.records[r + REC_NEXT]!;
     }
   }
 
-  /** Where the record of the i-th oldest frame starts in `index`. */
-  private record(i: number): number {
-    return ((this.head + i) % this.capacity) * RECORD;
+  /** Drops frames older than `cutoffMs` (the log is in time order); an emptied log gives its memory back. */
+  expire(cutoffMs: number): void {
+    while (this.headId < this.nextId && this.records[this.slot(this.headId) + REC_AT_MS]! < cutoffMs) this.evictHead();
+    if (this.headId === this.nextId && this.bytes.length > 0) {
+      this.bytes = NO_BYTES;
+      this.records = NO_F64;
+      this.owners = [];
+      this.capacity = this.writeAt = 0;
+    }
   }
 
-  /** Grows the buffers (up to the bounds) so a frame of `length` bytes has room. */
-  private reserve(length: number): void {
-    if (this.count === this.capacity) this.growIndex(Math.min(this.maxFrames, Math.max(RING_MIN_FRAMES, this.capacity * RING_INDEX_GROWTH)));
-    // Half the buffer free keeps wrap-around from dropping frames early, until it reaches its bound.
-    const wanted = Math.min(this.maxBytes, Math.max(RING_MIN_BYTES, 2 * (this.size + length)));
-    if (wanted > this.bytes.length) this.growBytes(Math.max(wanted, Math.min(this.maxBytes, this.bytes.length * 2)));
+  /** A room that ends lets go of its frames (nobody can resume them). */
+  release(room: RoomFrames): void {
+    for (let id = room.firstId; room.count > 0; room.count--) {
+      const r = this.slot(id);
+      this.owners[id % this.capacity] = undefined;
+      this.held -= this.records[r + REC_LENGTH]!;
+      id = this.records[r + REC_NEXT]!;
+    }
+    room.firstId = room.lastId = -1;
+    room.size = 0;
+    room.lists = undefined;
   }
 
-  /** Where the next `length` bytes go: after the newest frame, or wrapped to the start, dropping what is in the way. */
+  /** Gives up the oldest frame `room` holds; its bytes stay in the log until the log comes round. */
+  private dropOldestOf(room: RoomFrames): void {
+    const id = room.firstId;
+    const r = this.slot(id);
+    const seq = this.records[r + REC_SEQ]!;
+    const to = this.records[r + REC_TO]!;
+    room.forget(seq, this.records[r + REC_FROM]!, to === -1 ? undefined : to === -2 ? room.lists!.get(seq) : to);
+    if (to === -2) room.lists!.delete(seq);
+    const length = this.records[r + REC_LENGTH]!;
+    room.size -= length;
+    this.held -= length;
+    this.owners[id % this.capacity] = undefined;
+    if (--room.count > 0) room.firstId = this.records[r + REC_NEXT]!;
+    else room.firstId = room.lastId = -1;
+  }
+
+  /** The log's oldest record goes; if a room still held it, that room gives it up. */
+  private evictHead(): void {
+    const owner = this.owners[this.headId % this.capacity];
+    if (owner) this.dropOldestOf(owner);
+    this.headId++;
+  }
+
+  /**
+   * Where the next `length` bytes go: after the newest frame, or wrapped to the
+   * start. Wrapping, every frame still lying past the newest one is older than
+   * all before it and goes first; then whatever overlaps the new frame goes.
+   */
   private place(length: number): number {
-    let at = this.writeAt + length <= this.bytes.length ? this.writeAt : 0;
-    while (this.count > 0) {
-      const r = this.head * RECORD;
-      const start = this.index[r + REC_OFFSET]!;
-      const overlaps = start < at + length && at < start + this.index[r + REC_LENGTH]!;
-      if (!overlaps) break;
-      this.dropOldest();
-      if (this.count === 0) at = 0;
+    let at = this.writeAt;
+    if (at + length > this.bytes.length) {
+      while (this.headId < this.nextId && this.records[this.slot(this.headId) + REC_OFFSET]! >= this.writeAt) this.evictHead();
+      at = 0;
+    }
+    while (this.headId < this.nextId) {
+      const r = this.slot(this.headId);
+      const start = this.records[r + REC_OFFSET]!;
+      if (!(start < at + length && at < start + this.records[r + REC_LENGTH]!)) break;
+      this.evictHead();
     }
     return at;
   }
 
-  /** Copies the records, oldest first, into a larger index; the bytes stay where they are. */
-  private growIndex(frameCapacity: number): void {
-    const index = new Float64Array(frameCapacity * RECORD);
-    for (let i = 0; i < this.count; i++) {
-      const from = this.record(i);
-      for (let k = 0; k < RECORD; k++) index[i * RECORD + k] = this.index[from + k]!;
+  /** Doubles the record array (re-placing each live record by its id), or at its bound frees the oldest slot. */
+  private growRecords(): void {
+    if (this.capacity >= this.maxRecords) return this.evictHead();
+    const capacity = Math.min(this.maxRecords, Math.max(LOG_MIN_RECORDS, this.capacity * 2));
+    const records = new Float64Array(capacity * RECORD);
+    const owners: (RoomFrames | undefined)[] = new Array(capacity);
+    for (let id = this.headId; id < this.nextId; id++) {
+      const from = this.slot(id);
+      const to = (id % capacity) * RECORD;
+      for (let k = 0; k < RECORD; k++) records[to + k] = this.records[from + k]!;
+      owners[id % capacity] = this.owners[id % this.capacity];
     }
-    Object.assign(this, { index, capacity: frameCapacity, head: 0 });
+    Object.assign(this, { records, owners, capacity });
   }
 
-  /** Copies the live frames, oldest first and packed, into a larger buffer. */
-  private growBytes(byteCapacity: number): void {
-    const bytes = Buffer.allocUnsafe(byteCapacity);
-    let at = 0;
-    for (let i = 0; i < this.count; i++) {
-      const r = this.record(i);
-      const offset = this.index[r + REC_OFFSET]!;
-      const length = this.index[r + REC_LENGTH]!;
-      this.bytes.copy(bytes, at, offset, offset + length);
-      this.index[r + REC_OFFSET] = at;
-      at += length;
-    }
-    Object.assign(this, { bytes, writeAt: at });
+  /** Where record `id` starts in `records`. */
+  private slot(id: number): number {
+    return (id % this.capacity) * RECORD;
   }
 }
 
@@ -1429,7 +1475,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function deleteRoom(room: Room, reason: string): void {
     room.closed = true;
-    ringTotalBytes -= room.ring?.size ?? 0;
+    if (room.frames) resumeLog?.release(room.frames);
     clearTimeout(room.hostGraceTimer);
     rooms.delete(room.code);
     const left = (roomsByIp.get(room.creatorIp) ?? 1) - 1;
@@ -1483,7 +1529,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       closed: false,
       uncheckedBytes: 0,
       seq: 0,
-      ring: undefined,
+      frames: undefined,
     };
     rooms.set(code, room);
     bump(roomsByIp, conn.ip);
@@ -1538,12 +1584,12 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   /**
    * `joined`, then either every frame the member missed since `resume` (when
-   * the ring still reaches back that far) or the state snapshot.
+   * the resume log still reaches back that far) or the state snapshot.
    */
   function sendJoined(ws: Socket, room: Room, member: Member, resume: number | undefined, askedToResume: boolean): void {
     const after = resume === undefined ? undefined : Math.max(resume, member.sinceSeq);
-    const oldest = room.ring?.oldest() ?? room.seq + 1;
-    const resumed = after !== undefined && after <= room.seq && !room.ring?.lostSince(member.index, after);
+    const oldest = (room.frames && resumeLog?.oldest(room.frames)) ?? room.seq + 1;
+    const resumed = after !== undefined && after <= room.seq && !room.frames?.lostSince(member.index, after);
     const joined = {
       type: "joined",
       room: room.code,
@@ -1644,36 +1690,20 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     return targets.length > 0;
   }
 
-  // ------------------------------------------------------------ resume ring
+  // ------------------------------------------------------------ resume log
 
-  let ringTotalBytes = 0;
-  const resumeEnabled = options.resumeWindowMs > 0 && options.resumeRoomFrames > 0 && options.resumeRoomBytes > 0;
+  const resumeEnabled = options.resumeWindowMs > 0 && options.resumeRoomFrames > 0 && options.resumeRoomBytes > 0 && options.resumeTotalBytes > 0;
+  const resumeLog = resumeEnabled ? new ResumeLog(options.resumeTotalBytes, options.resumeRoomFrames, options.resumeRoomBytes) : undefined;
 
   function remember(room: Room, seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
-    const ring = (room.ring ??= new FrameRing(options.resumeRoomFrames, options.resumeRoomBytes));
-    if (!resumeEnabled) return ring.forget(seq, from, to);
-    const before = ring.size;
-    ring.push(seq, frame, from, to, atMs);
-    ringTotalBytes += ring.size - before;
-    // Past the process-wide cap, the room that adds a frame gives up its own oldest.
-    while (ringTotalBytes > options.resumeTotalBytes && ring.count > 1) {
-      const size = ring.size;
-      ring.dropOldest();
-      ringTotalBytes -= size - ring.size;
-    }
-  }
-
-  function expireRing(room: Room, nowMs: number): void {
-    const { ring } = room;
-    if (!ring) return;
-    const before = ring.size;
-    ring.expire(nowMs - options.resumeWindowMs);
-    ringTotalBytes -= before - ring.size;
+    const frames = (room.frames ??= new RoomFrames());
+    if (resumeLog) resumeLog.push(frames, seq, frame, from, to, atMs);
+    else frames.forget(seq, from, to);
   }
 
   function replayMissed(ws: Socket, room: Room, index: number, after: number): void {
-    if (!room.ring) return;
-    for (const frame of room.ring.addressedTo(index, after)) {
+    if (!room.frames || !resumeLog) return;
+    for (const frame of resumeLog.addressedTo(room.frames, index, after)) {
       counters.framesReplayed++;
       deliver(ws, frame);
     }
@@ -1824,7 +1854,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
    */
   const heartbeat = setInterval(() => {
     const nowMs = Date.now();
-    for (const room of rooms.values()) expireRing(room, nowMs);
+    resumeLog?.expire(nowMs - options.resumeWindowMs);
     misses.sweep(nowMs);
     for (const ws of conns) {
       if (ws.data.closing) continue;
@@ -2038,7 +2068,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     family("party_sockets_miss_budget_ips", "gauge", "IPs with a miss budget in use (capped)", one(misses.trackedIps()));
     family("party_sockets_frames_replayed_total", "counter", "Frames replayed to resuming members", one(counters.framesReplayed));
     family("party_sockets_duplicate_frames_total", "counter", "Numbered frames dropped because their n was already accepted", one(counters.duplicateFrames));
-    family("party_sockets_resume_buffer_bytes", "gauge", "UTF-8 bytes of relayed frames kept for resume", one(ringTotalBytes));
+    family("party_sockets_resume_buffer_bytes", "gauge", "UTF-8 bytes of relayed frames kept for resume", one(resumeLog?.held ?? 0));
     family("process_resident_memory_bytes", "gauge", "Resident set size", one(memory.rss));
     family("process_heap_used_bytes", "gauge", "JavaScript heap in use", one(memory.heapUsed));
     family("process_uptime_seconds", "gauge", "Seconds since the relay started", one((Date.now() - startedAtMs) / 1000));
