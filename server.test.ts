@@ -1467,9 +1467,9 @@ describe("resume", () => {
   });
 
   test("frames of very different sizes from two rooms, wrapped many times round a small log, replay byte for byte", async () => {
-    // Sizes from 20 to 1500 bytes in a 4 KiB log shared by two rooms: it wraps with the oldest
+    // Sizes from 20 to 1500 bytes in an 8 KiB log shared by two rooms: it wraps with the oldest
     // frame sometimes still lying past the write position, where a careless wrap overwrites newer frames.
-    const r = relay({ rateLimitPerSec: 0, resumeTotalBytes: 4096 });
+    const r = relay({ rateLimitPerSec: 0, resumeTotalBytes: 8192 });
     const { host, code } = await createRoom(r);
     const other = await createRoom(r, "other-host");
     const otherGuest = (await joinRoom(r, other.code, "other-guest")).client;

@@ -600,58 +600,60 @@ const DATA_FIELD = Buffer.from(',"data":');
 const FRAME_OVERHEAD_BYTES = MESSAGE_HEAD.length + SEQ_FIELD.length + DATA_FIELD.length + 2 * 16 + 1;
 
 /**
- * Builds each relayed frame as UTF-8 in one reused buffer, then reads it back
- * as one flat string. The bytes are what the resume log keeps, so a frame is
- * encoded once; and in the saturated fanout bench a concatenated frame (a rope
- * Bun must flatten) cost more per delivery: the relay went from 0.53 to 0.45 µs
- * (Bun 1.4.5; at an unsaturated fixed rate the two ways cost the same).
+ * Builds each relayed frame as UTF-8 at a place in a buffer, then reads it back
+ * as one flat string: in the saturated fanout bench a concatenated frame (a
+ * rope Bun must flatten) cost more per delivery, 0.53 against 0.45 µs (Bun
+ * 1.4.5; at an unsaturated fixed rate the two ways cost the same). The place is
+ * the head of the resume log when the log can keep the frame, so a frame is
+ * encoded once and never copied; otherwise a spare buffer of the relay's.
  */
 class FrameWriter {
   private buf: Buffer;
+  private base = 0;
   /** Bytes written since `start`. */
   length = 0;
   private ascii = true;
-  private head: Uint8Array | undefined;
 
-  constructor(capacity: number) {
-    this.buf = Buffer.allocUnsafe(capacity);
+  constructor(buf: Buffer) {
+    this.buf = buf;
   }
 
-  /** Begins a frame with `head`, which stays in place from the last frame of the same kind. */
+  /** The next frame goes at `base` of `buf`. */
+  at(buf: Buffer, base: number): this {
+    this.buf = buf;
+    this.base = base;
+    return this;
+  }
+
+  /** Begins a frame with `head`. */
   start(head: Uint8Array): this {
     this.ascii = true;
-    this.length = head.length;
-    if (this.head !== head) {
-      this.buf.set(head, 0);
-      this.head = head;
-    }
-    return this;
+    this.length = 0;
+    return this.raw(head);
   }
 
   /** A few constant bytes: a loop, because a native copy costs more than it saves at this size. */
   raw(bytes: Uint8Array): this {
     const buf = this.buf;
-    let at = this.length;
+    let at = this.base + this.length;
     for (let i = 0; i < bytes.length; i++) buf[at++] = bytes[i]!;
-    this.length = at;
+    this.length = at - this.base;
     return this;
   }
 
   /** A non-negative integer in decimal. */
   uint(n: number): this {
-    let end = this.length + 1;
+    const from = this.base + this.length;
+    let end = from + 1;
     for (let rest = n; rest >= 10; rest = Math.floor(rest / 10)) end++;
-    for (let at = end - 1, rest = n; at >= this.length; at--, rest = Math.floor(rest / 10)) this.buf[at] = 48 + (rest % 10);
-    this.length = end;
+    for (let at = end - 1, rest = n; at >= from; at--, rest = Math.floor(rest / 10)) this.buf[at] = 48 + (rest % 10);
+    this.length = end - this.base;
     return this;
   }
 
-  /** JSON text already validated, then the closing brace. */
+  /** JSON text already validated, then the closing brace. The place has room for `maxFrameBytes(json)`. */
   jsonThenClose(json: string): this {
-    // UTF-8 takes at most 3 bytes per UTF-16 unit.
-    const needed = this.length + json.length * 3 + 1;
-    if (needed > this.buf.length) this.grow(needed);
-    const written = this.buf.write(json, this.length, "utf8");
+    const written = this.buf.write(json, this.base + this.length, "utf8");
     // Any character past ASCII takes more bytes than UTF-16 units.
     if (written !== json.length) this.ascii = false;
     this.length += written;
@@ -659,25 +661,22 @@ class FrameWriter {
   }
 
   close(): this {
-    this.buf[this.length++] = CLOSE_BRACE;
+    this.buf[this.base + this.length++] = CLOSE_BRACE;
     return this;
   }
 
   /** The frame as a string: Latin-1 decoding is exact, and cheaper, when every byte is ASCII. */
   text(): string {
-    return this.buf.toString(this.ascii ? "latin1" : "utf8", 0, this.length);
+    return this.buf.toString(this.ascii ? "latin1" : "utf8", this.base, this.base + this.length);
   }
 
   copyTo(target: Buffer, at: number): void {
-    this.buf.copy(target, at, 0, this.length);
-  }
-
-  private grow(needed: number): void {
-    const bigger = Buffer.allocUnsafe(Math.max(needed, this.buf.length * 2));
-    this.buf.copy(bigger, 0, 0, this.length);
-    this.buf = bigger;
+    this.buf.copy(target, at, this.base, this.base + this.length);
   }
 }
+
+/** The most bytes a relayed frame around `json` can take: UTF-8 is at most 3 bytes per UTF-16 unit. */
+const maxFrameBytes = (json: string | undefined): number => FRAME_OVERHEAD_BYTES + (json?.length ?? 0) * 3;
 
 const NO_BYTES = Buffer.alloc(0);
 const NO_F64 = new Float64Array(0);
@@ -776,6 +775,9 @@ class ResumeLog {
   private headId = 0;
   private nextId = 0;
   private writeAt = 0;
+  /** Writes frames in place at the log's head; `reservedAt` is where, -1 when it is not reserved. */
+  private readonly writer = new FrameWriter(NO_BYTES);
+  private reservedAt = -1;
   /** UTF-8 bytes of the frames rooms still hold. */
   held = 0;
 
@@ -787,18 +789,36 @@ class ResumeLog {
     this.maxRecords = Math.max(LOG_MIN_RECORDS, Math.ceil(maxBytes / LOG_BYTES_PER_RECORD));
   }
 
-  /** Keeps a frame of `room`; one larger than the room's bound is given up with all the room holds. */
-  push(room: RoomFrames, seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
+  /**
+   * A writer at the head of the log with room for a frame of up to `maxLength`
+   * bytes, to be passed to `keep`; undefined when a frame that long might not be kept.
+   */
+  writerFor(maxLength: number): FrameWriter | undefined {
+    if (maxLength > this.roomBytes || maxLength > this.maxBytes) return undefined;
+    if (this.bytes.length === 0) this.bytes = Buffer.allocUnsafeSlow(this.maxBytes);
+    this.reservedAt = this.place(maxLength);
+    return this.writer.at(this.bytes, this.reservedAt);
+  }
+
+  /**
+   * Keeps a frame of `room`: in place if `frame` is this log's writer, else
+   * copied in. One larger than the room's bound is given up with all the room holds.
+   */
+  keep(room: RoomFrames, seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
     const length = frame.length;
+    let at = frame === this.writer ? this.reservedAt : -1;
+    this.reservedAt = -1;
     if (length > this.roomBytes || length > this.maxBytes) {
       while (room.count > 0) this.dropOldestOf(room);
       return room.forget(seq, from, to);
     }
     while (room.count > 0 && (room.count >= this.roomFrames || room.size + length > this.roomBytes)) this.dropOldestOf(room);
-    if (this.bytes.length === 0) this.bytes = Buffer.allocUnsafeSlow(this.maxBytes);
-    const at = this.place(length);
+    if (at < 0) {
+      if (this.bytes.length === 0) this.bytes = Buffer.allocUnsafeSlow(this.maxBytes);
+      at = this.place(length);
+      frame.copyTo(this.bytes, at);
+    }
     if (this.nextId - this.headId === this.capacity) this.growRecords();
-    frame.copyTo(this.bytes, at);
     const id = this.nextId++;
     const r = this.slot(id);
     const records = this.records;
@@ -1647,12 +1667,19 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     accept(member, msg.n);
   }
 
-  const frameWriter = new FrameWriter(options.maxMessageBytes + FRAME_OVERHEAD_BYTES);
+  // A spare place for frames the resume log does not take in place: the largest a
+  // frame within MAX_MESSAGE_BYTES can become (its data, 3 bytes per UTF-16 unit at most).
+  const spareWriter = new FrameWriter(Buffer.allocUnsafe(FRAME_OVERHEAD_BYTES + 3 * options.maxMessageBytes));
+
+  /** Where a frame around `json` is written: in place at the resume log's head when the log can keep it. */
+  function writerFor(json: string | undefined): FrameWriter {
+    return resumeLog?.writerFor(maxFrameBytes(json)) ?? spareWriter;
+  }
 
   /** Numbers a `message` frame, keeps it for `resume` and counts its deliveries. */
   function relayFrame(room: Room, from: Member, dataJson: string | undefined, to: Recipients, recipients: number, nowMs: number): string {
     const seq = ++room.seq;
-    const frame = frameWriter.start(MESSAGE_HEAD).uint(from.index).raw(SEQ_FIELD).uint(seq);
+    const frame = writerFor(dataJson).start(MESSAGE_HEAD).uint(from.index).raw(SEQ_FIELD).uint(seq);
     if (dataJson === undefined) frame.close();
     else frame.raw(DATA_FIELD).jsonThenClose(dataJson);
     remember(room, seq, frame, from.index, to, nowMs);
@@ -1697,7 +1724,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function remember(room: Room, seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
     const frames = (room.frames ??= new RoomFrames());
-    if (resumeLog) resumeLog.push(frames, seq, frame, from, to, atMs);
+    if (resumeLog) resumeLog.keep(frames, seq, frame, from, to, atMs);
     else frames.forget(seq, from, to);
   }
 
@@ -1715,7 +1742,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     if (isDuplicate(member, n)) return;
     if (member.index !== 0) return sendError(ws, "not_host", "Only the host can set state");
     const seq = ++room.seq;
-    const frame = frameWriter.start(STATE_HEAD).uint(seq).raw(DATA_FIELD).jsonThenClose(stateJson);
+    const frame = writerFor(stateJson).start(STATE_HEAD).uint(seq).raw(DATA_FIELD).jsonThenClose(stateJson);
     remember(room, seq, frame, member.index, undefined, ws.data.lastSeenMs);
     room.stateFrame = frame.text();
     publish(room, ws, room.stateFrame);
