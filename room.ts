@@ -1,7 +1,7 @@
 // The room model of party-sockets: a room is plain data, and the functions here
 // read or change it without touching a socket, a timer or the network (the relay
 // in server.ts wires them to Bun's sockets). Read top to bottom: the room and its
-// slots, the relayed-frame encoder and the resume ring, the rules (who gets which
+// slots, the relayed-frame encoder and the resume log, the rules (who gets which
 // slot on a join, what a resume replays), then the transfer value a deploy hands
 // to another machine, with the two functions that write and read it.
 //
@@ -47,8 +47,8 @@ export interface Room<S = unknown> {
   stateFrame?: string;
   /** Last sequence number given to a relayed frame. */
   seq: number;
-  /** Recent relayed frames, for `join` with `resume`; made on the first one (idle rooms cost nothing). */
-  ring?: FrameRing;
+  /** What the room keeps for `join` with `resume`; made on its first relayed frame (idle rooms cost nothing). */
+  frames?: RoomFrames;
   hostGraceTimer?: Timer;
   /** When the host grace ends (a transfer carries what is left of it). */
   hostGraceUntilMs?: number;
@@ -66,17 +66,6 @@ export interface Room<S = unknown> {
 /** Whom a relayed frame was addressed to: everyone but its sender, one slot, or a list of slots. */
 export type Recipients = undefined | number | number[];
 
-// First allocation of a room's ring; it doubles from there. Small, because most
-// rooms are short: in the churn bench (one frame per room) the first ring's
-// allocations took 8 % of CPU samples with eight typed arrays and 2 KiB, 4 % with
-// one index array and 512 bytes.
-const RING_MIN_BYTES = 512;
-const RING_MIN_FRAMES = 8;
-// A busy room's index grows from RING_MIN_FRAMES to its bound in a few steps rather than
-// ten. The bytes only double: a room's buffer is about twice what it holds, and growing it
-// faster measured 500 busy rooms at 250 MB of heap instead of 130 MB.
-const RING_INDEX_GROWTH = 4;
-
 /** `{"type":"message","from":` */
 export const MESSAGE_HEAD = Buffer.from('{"type":"message","from":');
 /** `{"type":"state","seq":` */
@@ -87,58 +76,60 @@ export const DATA_FIELD = Buffer.from(',"data":');
 export const FRAME_OVERHEAD_BYTES = MESSAGE_HEAD.length + SEQ_FIELD.length + DATA_FIELD.length + 2 * 16 + 1;
 
 /**
- * Builds each relayed frame as UTF-8 in one reused buffer, then reads it back
- * as one flat string. The bytes are what the resume ring keeps, so a frame is
- * encoded once; and in the saturated fanout bench a concatenated frame (a rope
- * Bun must flatten) cost more per delivery: the relay went from 0.53 to 0.45 µs
- * (Bun 1.4.5; at an unsaturated fixed rate the two ways cost the same).
+ * Builds each relayed frame as UTF-8 at a place in a buffer, then reads it back
+ * as one flat string: in the saturated fanout bench a concatenated frame (a
+ * rope Bun must flatten) cost more per delivery, 0.53 against 0.45 µs (Bun
+ * 1.4.5; at an unsaturated fixed rate the two ways cost the same). The place is
+ * the head of the resume log when the log can keep the frame, so a frame is
+ * encoded once and never copied; otherwise a spare buffer of the relay's.
  */
 export class FrameWriter {
   private buf: Buffer;
+  private base = 0;
   /** Bytes written since `start`. */
   length = 0;
   private ascii = true;
-  private head: Uint8Array | undefined;
 
-  constructor(capacity: number) {
-    this.buf = Buffer.allocUnsafe(capacity);
+  constructor(buf: Buffer) {
+    this.buf = buf;
   }
 
-  /** Begins a frame with `head`, which stays in place from the last frame of the same kind. */
+  /** The next frame goes at `base` of `buf`. */
+  at(buf: Buffer, base: number): this {
+    this.buf = buf;
+    this.base = base;
+    return this;
+  }
+
+  /** Begins a frame with `head`. */
   start(head: Uint8Array): this {
     this.ascii = true;
-    this.length = head.length;
-    if (this.head !== head) {
-      this.buf.set(head, 0);
-      this.head = head;
-    }
-    return this;
+    this.length = 0;
+    return this.raw(head);
   }
 
   /** A few constant bytes: a loop, because a native copy costs more than it saves at this size. */
   raw(bytes: Uint8Array): this {
     const buf = this.buf;
-    let at = this.length;
+    let at = this.base + this.length;
     for (let i = 0; i < bytes.length; i++) buf[at++] = bytes[i]!;
-    this.length = at;
+    this.length = at - this.base;
     return this;
   }
 
   /** A non-negative integer in decimal. */
   uint(n: number): this {
-    let end = this.length + 1;
+    const from = this.base + this.length;
+    let end = from + 1;
     for (let rest = n; rest >= 10; rest = Math.floor(rest / 10)) end++;
-    for (let at = end - 1, rest = n; at >= this.length; at--, rest = Math.floor(rest / 10)) this.buf[at] = 48 + (rest % 10);
-    this.length = end;
+    for (let at = end - 1, rest = n; at >= from; at--, rest = Math.floor(rest / 10)) this.buf[at] = 48 + (rest % 10);
+    this.length = end - this.base;
     return this;
   }
 
-  /** JSON text already validated, then the closing brace. */
+  /** JSON text already validated, then the closing brace. The place has room for `maxFrameBytes(json)`. */
   jsonThenClose(json: string): this {
-    // UTF-8 takes at most 3 bytes per UTF-16 unit.
-    const needed = this.length + json.length * 3 + 1;
-    if (needed > this.buf.length) this.grow(needed);
-    const written = this.buf.write(json, this.length, "utf8");
+    const written = this.buf.write(json, this.base + this.length, "utf8");
     // Any character past ASCII takes more bytes than UTF-16 units.
     if (written !== json.length) this.ascii = false;
     this.length += written;
@@ -146,115 +137,65 @@ export class FrameWriter {
   }
 
   close(): this {
-    this.buf[this.length++] = CLOSE_BRACE;
+    this.buf[this.base + this.length++] = CLOSE_BRACE;
     return this;
   }
 
   /** The frame as a string: Latin-1 decoding is exact, and cheaper, when every byte is ASCII. */
   text(): string {
-    return this.buf.toString(this.ascii ? "latin1" : "utf8", 0, this.length);
+    return this.buf.toString(this.ascii ? "latin1" : "utf8", this.base, this.base + this.length);
   }
 
   copyTo(target: Buffer, at: number): void {
-    this.buf.copy(target, at, 0, this.length);
-  }
-
-  private grow(needed: number): void {
-    const bigger = Buffer.allocUnsafe(Math.max(needed, this.buf.length * 2));
-    this.buf.copy(bigger, 0, 0, this.length);
-    this.buf = bigger;
+    this.buf.copy(target, at, this.base, this.base + this.length);
   }
 }
 
-// Zero-length, never written: an empty ring allocates nothing.
+/** The most bytes a relayed frame around `json` can take: UTF-8 is at most 3 bytes per UTF-16 unit. */
+export const maxFrameBytes = (json: string | undefined): number => FRAME_OVERHEAD_BYTES + (json?.length ?? 0) * 3;
+
 const NO_BYTES = Buffer.alloc(0);
 const NO_F64 = new Float64Array(0);
-// A frame's record in the ring's index: RECORD numbers, at these positions.
+// A frame's record in the log: RECORD numbers, at these positions.
 const REC_SEQ = 0;
 const REC_AT_MS = 1;
 const REC_OFFSET = 2;
 const REC_LENGTH = 3;
 /** The sender's slot. */
 const REC_FROM = 4;
-/** -1: everyone but the sender; -2: the list in `lists`; else the one target slot. */
+/** -1: everyone but the sender; -2: the list in the room's `lists`; else the one target slot. */
 const REC_TO = 5;
-const RECORD = 6;
+/** The id of the same room's next record (valid while the room holds more than this one). */
+const REC_NEXT = 6;
+const RECORD = 7;
+/** First size of the record array; it doubles from there. */
+const LOG_MIN_RECORDS = 1024;
+/**
+ * The log holds at most one frame per this many of its bytes, so its index (64 bytes a record,
+ * with the owner) stays within half the log. A game frame is about 160 bytes; frames shorter
+ * than this on average (a bare `{"type":"message","from":0,"seq":1}` is 35) are bounded by the
+ * record count instead, and the oldest still goes first.
+ */
+const LOG_BYTES_PER_RECORD = 128;
 
 /**
- * A room's recently relayed frames, kept for `join` with `resume`. Frames stay
- * for seconds: long enough that, kept as strings, the garbage collector would
- * promote them and pay for full collections at message rate (measured: about a
- * third of the relay's CPU in a busy room). So each frame is copied as UTF-8
- * into one circular byte buffer, described by records in one Float64Array: no
- * object per frame, and two allocations for a room's first frame. Both grow on
- * demand up to the room's bounds and are freed when emptied.
+ * What one room keeps for `join` with `resume`: its frames in the resume log, a
+ * chain of record ids from oldest to newest, and what it had to give up.
  */
-export class FrameRing {
-  private bytes = NO_BYTES;
-  /** Frame records (REC_*), a circular array of `capacity` records starting at `head`. */
-  private index = NO_F64;
-  private capacity = 0;
-  private lists: Map<number, number[]> | undefined;
+export class RoomFrames {
+  /** Record ids of the oldest and newest frame held; -1 when none. */
+  firstId = -1;
+  lastId = -1;
+  count = 0;
+  /** UTF-8 bytes held. */
+  size = 0;
+  /** The recipients of the `to: [...]` frames held, by seq. */
+  lists: Map<number, number[]> | undefined;
   /** The last broadcast given up, and the last one given up from any other sender. */
   private lostBroadcast = { seq: 0, from: -1 };
   private lostBroadcastOtherSeq = 0;
   /** Per slot, the last targeted frame given up. */
   private lostTargeted: Map<number, number> | undefined;
-  private head = 0;
-  private writeAt = 0;
-  count = 0;
-  /** UTF-8 bytes held. */
-  size = 0;
-
-  constructor(private readonly maxFrames: number, private readonly maxBytes: number) {}
-
-  /** The oldest seq held, if any. */
-  oldest(): number | undefined {
-    return this.count > 0 ? this.index[this.head * RECORD + REC_SEQ] : undefined;
-  }
-
-  /** Keeps a frame, dropping the oldest as needed; a frame larger than the whole bound is given up with all the rest. */
-  push(seq: number, frame: Pick<FrameWriter, "length" | "copyTo">, from: number, to: Recipients, atMs: number): void {
-    const length = frame.length;
-    if (length > this.maxBytes) {
-      while (this.count > 0) this.dropOldest();
-      this.release();
-      return this.forget(seq, from, to);
-    }
-    while (this.count > 0 && (this.count >= this.maxFrames || this.size + length > this.maxBytes)) this.dropOldest();
-    this.reserve(length);
-    const at = this.place(length);
-    frame.copyTo(this.bytes, at);
-    const r = this.record(this.count);
-    const index = this.index;
-    index[r + REC_SEQ] = seq;
-    index[r + REC_AT_MS] = atMs;
-    index[r + REC_OFFSET] = at;
-    index[r + REC_LENGTH] = length;
-    index[r + REC_FROM] = from;
-    index[r + REC_TO] = to === undefined ? -1 : typeof to === "number" ? to : -2;
-    if (Array.isArray(to)) (this.lists ??= new Map()).set(seq, to);
-    this.count++;
-    this.size += length;
-    this.writeAt = at + length;
-  }
-
-  /** Drops frames older than `cutoffMs`; an emptied ring gives its memory back. */
-  expire(cutoffMs: number): void {
-    while (this.count > 0 && this.index[this.head * RECORD + REC_AT_MS]! < cutoffMs) this.dropOldest();
-    if (this.count === 0 && this.bytes.length > 0) this.release();
-  }
-
-  dropOldest(): void {
-    const r = this.head * RECORD;
-    const seq = this.index[r + REC_SEQ]!;
-    const to = this.index[r + REC_TO]!;
-    this.forget(seq, this.index[r + REC_FROM]!, to === -1 ? undefined : to === -2 ? this.lists!.get(seq) : to);
-    if (to === -2) this.lists!.delete(seq);
-    this.size -= this.index[r + REC_LENGTH]!;
-    this.head = (this.head + 1) % this.capacity;
-    this.count--;
-  }
 
   /**
    * Records that frame `seq` can no longer be replayed to its recipients, so a
@@ -281,24 +222,7 @@ export class FrameRing {
     return broadcast > afterSeq || (this.lostTargeted?.get(index) ?? 0) > afterSeq;
   }
 
-  /** Every frame held, oldest first, as plain data (a transfer carries them). */
-  *records(): Generator<RingRecord> {
-    for (let i = 0; i < this.count; i++) {
-      const r = this.record(i);
-      const seq = this.index[r + REC_SEQ]!;
-      const to = this.index[r + REC_TO]!;
-      const offset = this.index[r + REC_OFFSET]!;
-      yield {
-        seq,
-        atMs: this.index[r + REC_AT_MS]!,
-        from: this.index[r + REC_FROM]!,
-        to: to === -1 ? undefined : to === -2 ? this.lists!.get(seq)! : to,
-        frame: this.bytes.toString("utf8", offset, offset + this.index[r + REC_LENGTH]!),
-      };
-    }
-  }
-
-  /** What was given up, as plain data, so an adopted ring refuses exactly the resumes this one would. */
+  /** What was given up, as plain data, so an adopted room refuses exactly the resumes this one would. */
   lostRecord(): LostRecord {
     return {
       broadcastSeq: this.lostBroadcast.seq,
@@ -313,78 +237,221 @@ export class FrameRing {
     this.lostBroadcastOtherSeq = lost.broadcastOtherSeq;
     this.lostTargeted = lost.targeted.length > 0 ? new Map(lost.targeted) : undefined;
   }
+}
 
-  /** Frees the buffers of an empty ring (what was given up stays recorded). */
-  private release(): void {
-    this.bytes = NO_BYTES;
-    this.index = NO_F64;
-    this.lists = undefined;
-    this.capacity = this.head = this.writeAt = this.count = this.size = 0;
+/**
+ * Every room's recently relayed frames, for `join` with `resume`, in one
+ * circular byte buffer for the whole process. Frames stay for seconds: kept as
+ * strings, the garbage collector would promote them and pay for full
+ * collections at message rate (measured: about a third of the relay's CPU in a
+ * busy room). Kept in a buffer per room, that buffer had to grow, copying itself
+ * each time, and 500 busy rooms held 4-5 times the bytes they kept (RSS 240-300
+ * MB for 32 MiB of frames). So each frame is copied once as UTF-8 to the head of
+ * one log of `maxBytes`, allocated on the first frame and released when empty,
+ * and described by a record in one Float64Array; a room links its own records.
+ *
+ * The oldest frame in the process goes first when the log is full, so under
+ * pressure every room keeps the same span of time; a room's own bounds (frames,
+ * bytes) drop its oldest early, and those bytes are reused when the log comes
+ * round to them.
+ */
+export class ResumeLog {
+  private bytes = NO_BYTES;
+  /** Records (REC_*), a circular array of `capacity`: record `id` lives at slot `id % capacity`. */
+  private records = NO_F64;
+  /** The room whose frame each slot holds; undefined once the room gave it up. */
+  private owners: (RoomFrames | undefined)[] = [];
+  private capacity = 0;
+  private readonly maxRecords: number;
+  /** Ids of the oldest record and of the next one to be written. */
+  private headId = 0;
+  private nextId = 0;
+  private writeAt = 0;
+  /** Writes frames in place at the log's head; `reservedAt` is where, -1 when it is not reserved. */
+  private readonly writer = new FrameWriter(NO_BYTES);
+  private reservedAt = -1;
+  /** UTF-8 bytes of the frames rooms still hold. */
+  held = 0;
+
+  constructor(
+    private readonly maxBytes: number,
+    private readonly roomFrames: number,
+    private readonly roomBytes: number,
+  ) {
+    this.maxRecords = Math.max(LOG_MIN_RECORDS, Math.ceil(maxBytes / LOG_BYTES_PER_RECORD));
   }
 
-  /** Every frame after `afterSeq` addressed to `index`, oldest first. */
-  *addressedTo(index: number, afterSeq: number): Generator<string> {
-    for (let i = 0; i < this.count; i++) {
-      const r = this.record(i);
-      const seq = this.index[r + REC_SEQ]!;
-      if (seq <= afterSeq) continue;
-      const to = this.index[r + REC_TO]!;
-      const addressed = to === -1 ? this.index[r + REC_FROM] !== index : to === -2 ? this.lists!.get(seq)!.includes(index) : to === index;
-      const offset = this.index[r + REC_OFFSET]!;
-      if (addressed) yield this.bytes.toString("utf8", offset, offset + this.index[r + REC_LENGTH]!);
+  /**
+   * A writer at the head of the log with room for a frame of up to `maxLength`
+   * bytes, to be passed to `keep`; undefined when a frame that long might not be kept.
+   */
+  writerFor(maxLength: number): FrameWriter | undefined {
+    if (maxLength > this.roomBytes || maxLength > this.maxBytes) return undefined;
+    if (this.bytes.length === 0) this.bytes = Buffer.allocUnsafeSlow(this.maxBytes);
+    this.reservedAt = this.place(maxLength);
+    return this.writer.at(this.bytes, this.reservedAt);
+  }
+
+  /**
+   * Keeps a frame of `room`: in place if `frame` is this log's writer, else
+   * copied in. One larger than the room's bound is given up with all the room holds.
+   */
+  keep(room: RoomFrames, seq: number, frame: Pick<FrameWriter, "length" | "copyTo">, from: number, to: Recipients, atMs: number): void {
+    const length = frame.length;
+    let at = frame === this.writer ? this.reservedAt : -1;
+    this.reservedAt = -1;
+    if (length > this.roomBytes || length > this.maxBytes) {
+      while (room.count > 0) this.dropOldestOf(room);
+      return room.forget(seq, from, to);
+    }
+    while (room.count > 0 && (room.count >= this.roomFrames || room.size + length > this.roomBytes)) this.dropOldestOf(room);
+    if (at < 0) {
+      if (this.bytes.length === 0) this.bytes = Buffer.allocUnsafeSlow(this.maxBytes);
+      at = this.place(length);
+      frame.copyTo(this.bytes, at);
+    }
+    if (this.nextId - this.headId === this.capacity) this.growRecords();
+    const id = this.nextId++;
+    const r = this.slot(id);
+    const records = this.records;
+    records[r + REC_SEQ] = seq;
+    records[r + REC_AT_MS] = atMs;
+    records[r + REC_OFFSET] = at;
+    records[r + REC_LENGTH] = length;
+    records[r + REC_FROM] = from;
+    records[r + REC_TO] = to === undefined ? -1 : typeof to === "number" ? to : -2;
+    this.owners[id % this.capacity] = room;
+    if (room.count > 0) records[this.slot(room.lastId) + REC_NEXT] = id;
+    else room.firstId = id;
+    room.lastId = id;
+    room.count++;
+    room.size += length;
+    this.held += length;
+    if (Array.isArray(to)) (room.lists ??= new Map()).set(seq, to);
+    this.writeAt = at + length;
+  }
+
+  /** The oldest seq `room` holds, if any. */
+  oldest(room: RoomFrames): number | undefined {
+    return room.count > 0 ? this.records[this.slot(room.firstId) + REC_SEQ] : undefined;
+  }
+
+  /** Every frame of `room` after `afterSeq` addressed to slot `index`, oldest first. */
+  *addressedTo(room: RoomFrames, index: number, afterSeq: number): Generator<string> {
+    for (let id = room.firstId, left = room.count; left > 0; left--) {
+      const r = this.slot(id);
+      const seq = this.records[r + REC_SEQ]!;
+      const to = this.records[r + REC_TO]!;
+      const addressed = to === -1 ? this.records[r + REC_FROM] !== index : to === -2 ? room.lists!.get(seq)!.includes(index) : to === index;
+      const offset = this.records[r + REC_OFFSET]!;
+      if (seq > afterSeq && addressed) yield this.bytes.toString("utf8", offset, offset + this.records[r + REC_LENGTH]!);
+      id = this.records[r + REC_NEXT]!;
     }
   }
 
-  /** Where the record of the i-th oldest frame starts in `index`. */
-  private record(i: number): number {
-    return ((this.head + i) % this.capacity) * RECORD;
+  /** Every frame `room` holds, oldest first, as plain data (a transfer carries them). */
+  *framesOf(room: RoomFrames): Generator<RingRecord> {
+    for (let id = room.firstId, left = room.count; left > 0; left--) {
+      const r = this.slot(id);
+      const seq = this.records[r + REC_SEQ]!;
+      const to = this.records[r + REC_TO]!;
+      const offset = this.records[r + REC_OFFSET]!;
+      yield {
+        seq,
+        atMs: this.records[r + REC_AT_MS]!,
+        from: this.records[r + REC_FROM]!,
+        to: to === -1 ? undefined : to === -2 ? room.lists!.get(seq)! : to,
+        frame: this.bytes.toString("utf8", offset, offset + this.records[r + REC_LENGTH]!),
+      };
+      id = this.records[r + REC_NEXT]!;
+    }
   }
 
-  /** Grows the buffers (up to the bounds) so a frame of `length` bytes has room. */
-  private reserve(length: number): void {
-    if (this.count === this.capacity) this.growIndex(Math.min(this.maxFrames, Math.max(RING_MIN_FRAMES, this.capacity * RING_INDEX_GROWTH)));
-    // Half the buffer free keeps wrap-around from dropping frames early, until it reaches its bound.
-    const wanted = Math.min(this.maxBytes, Math.max(RING_MIN_BYTES, 2 * (this.size + length)));
-    if (wanted > this.bytes.length) this.growBytes(Math.max(wanted, Math.min(this.maxBytes, this.bytes.length * 2)));
+  /** Drops frames older than `cutoffMs` (the log is in time order); an emptied log gives its memory back. */
+  expire(cutoffMs: number): void {
+    while (this.headId < this.nextId && this.records[this.slot(this.headId) + REC_AT_MS]! < cutoffMs) this.evictHead();
+    if (this.headId === this.nextId && this.bytes.length > 0) {
+      this.bytes = NO_BYTES;
+      this.records = NO_F64;
+      this.owners = [];
+      this.capacity = this.writeAt = 0;
+    }
   }
 
-  /** Where the next `length` bytes go: after the newest frame, or wrapped to the start, dropping what is in the way. */
+  /** A room that ends lets go of its frames (nobody can resume them). */
+  release(room: RoomFrames): void {
+    for (let id = room.firstId; room.count > 0; room.count--) {
+      const r = this.slot(id);
+      this.owners[id % this.capacity] = undefined;
+      this.held -= this.records[r + REC_LENGTH]!;
+      id = this.records[r + REC_NEXT]!;
+    }
+    room.firstId = room.lastId = -1;
+    room.size = 0;
+    room.lists = undefined;
+  }
+
+  /** Gives up the oldest frame `room` holds; its bytes stay in the log until the log comes round. */
+  private dropOldestOf(room: RoomFrames): void {
+    const id = room.firstId;
+    const r = this.slot(id);
+    const seq = this.records[r + REC_SEQ]!;
+    const to = this.records[r + REC_TO]!;
+    room.forget(seq, this.records[r + REC_FROM]!, to === -1 ? undefined : to === -2 ? room.lists!.get(seq) : to);
+    if (to === -2) room.lists!.delete(seq);
+    const length = this.records[r + REC_LENGTH]!;
+    room.size -= length;
+    this.held -= length;
+    this.owners[id % this.capacity] = undefined;
+    if (--room.count > 0) room.firstId = this.records[r + REC_NEXT]!;
+    else room.firstId = room.lastId = -1;
+  }
+
+  /** The log's oldest record goes; if a room still held it, that room gives it up. */
+  private evictHead(): void {
+    const owner = this.owners[this.headId % this.capacity];
+    if (owner) this.dropOldestOf(owner);
+    this.headId++;
+  }
+
+  /**
+   * Where the next `length` bytes go: after the newest frame, or wrapped to the
+   * start. Wrapping, every frame still lying past the newest one is older than
+   * all before it and goes first; then whatever overlaps the new frame goes.
+   */
   private place(length: number): number {
-    let at = this.writeAt + length <= this.bytes.length ? this.writeAt : 0;
-    while (this.count > 0) {
-      const r = this.head * RECORD;
-      const start = this.index[r + REC_OFFSET]!;
-      const overlaps = start < at + length && at < start + this.index[r + REC_LENGTH]!;
-      if (!overlaps) break;
-      this.dropOldest();
-      if (this.count === 0) at = 0;
+    let at = this.writeAt;
+    if (at + length > this.bytes.length) {
+      while (this.headId < this.nextId && this.records[this.slot(this.headId) + REC_OFFSET]! >= this.writeAt) this.evictHead();
+      at = 0;
+    }
+    while (this.headId < this.nextId) {
+      const r = this.slot(this.headId);
+      const start = this.records[r + REC_OFFSET]!;
+      if (!(start < at + length && at < start + this.records[r + REC_LENGTH]!)) break;
+      this.evictHead();
     }
     return at;
   }
 
-  /** Copies the records, oldest first, into a larger index; the bytes stay where they are. */
-  private growIndex(frameCapacity: number): void {
-    const index = new Float64Array(frameCapacity * RECORD);
-    for (let i = 0; i < this.count; i++) {
-      const from = this.record(i);
-      for (let k = 0; k < RECORD; k++) index[i * RECORD + k] = this.index[from + k]!;
+  /** Doubles the record array (re-placing each live record by its id), or at its bound frees the oldest slot. */
+  private growRecords(): void {
+    if (this.capacity >= this.maxRecords) return this.evictHead();
+    const capacity = Math.min(this.maxRecords, Math.max(LOG_MIN_RECORDS, this.capacity * 2));
+    const records = new Float64Array(capacity * RECORD);
+    const owners: (RoomFrames | undefined)[] = new Array(capacity);
+    for (let id = this.headId; id < this.nextId; id++) {
+      const from = this.slot(id);
+      const to = (id % capacity) * RECORD;
+      for (let k = 0; k < RECORD; k++) records[to + k] = this.records[from + k]!;
+      owners[id % capacity] = this.owners[id % this.capacity];
     }
-    Object.assign(this, { index, capacity: frameCapacity, head: 0 });
+    Object.assign(this, { records, owners, capacity });
   }
 
-  /** Copies the live frames, oldest first and packed, into a larger buffer. */
-  private growBytes(byteCapacity: number): void {
-    const bytes = Buffer.allocUnsafe(byteCapacity);
-    let at = 0;
-    for (let i = 0; i < this.count; i++) {
-      const r = this.record(i);
-      const offset = this.index[r + REC_OFFSET]!;
-      const length = this.index[r + REC_LENGTH]!;
-      this.bytes.copy(bytes, at, offset, offset + length);
-      this.index[r + REC_OFFSET] = at;
-      at += length;
-    }
-    Object.assign(this, { bytes, writeAt: at });
+  /** Where record `id` starts in `records`. */
+  private slot(id: number): number {
+    return (id % this.capacity) * RECORD;
   }
 }
 
@@ -415,7 +482,7 @@ export function newRoom<S>(start: RoomStart): Room<S> {
     present: 0,
     stateFrame: undefined,
     seq: 0,
-    ring: undefined,
+    frames: undefined,
     hostGraceTimer: undefined,
     hostGraceUntilMs: undefined,
     moving: false,
@@ -476,10 +543,10 @@ export interface ResumePlan {
 }
 
 /** `resume` undefined: a join that did not ask, or a new slot (which has missed nothing it could get back). */
-export function resumePlan<S>(room: Room<S>, member: Member<S>, resume: number | undefined): ResumePlan {
+export function resumePlan<S>(room: Room<S>, member: Member<S>, resume: number | undefined, log: ResumeLog | undefined): ResumePlan {
   const after = Math.max(resume ?? 0, member.sinceSeq);
-  const resumed = resume !== undefined && after <= room.seq && !room.ring?.lostSince(member.index, after);
-  return { resumed, after, oldest: room.ring?.oldest() ?? room.seq + 1 };
+  const resumed = resume !== undefined && after <= room.seq && !room.frames?.lostSince(member.index, after);
+  return { resumed, after, oldest: (room.frames && log?.oldest(room.frames)) ?? room.seq + 1 };
 }
 
 // ======================================================= the transfer value
@@ -555,7 +622,9 @@ export const TRANSFER_VERSIONS: readonly number[] = [1];
 const NOTHING_LOST: LostRecord = { broadcastSeq: 0, broadcastFrom: -1, broadcastOtherSeq: 0, targeted: [] };
 
 /** The room as a transfer value. A slot released by `leave` (its clientId no longer maps to it) travels without one. */
-export function roomToTransfer<S>(room: Room<S>, transfer: string, source: string, nowMs: number): RoomTransfer {
+/** `log` is the process's resume log (undefined when resume is off). */
+export function roomToTransfer<S>(room: Room<S>, log: ResumeLog | undefined, transfer: string, source: string, nowMs: number): RoomTransfer {
+  const held = room.frames && log ? [...log.framesOf(room.frames)] : [];
   return {
     v: 1,
     transfer,
@@ -567,26 +636,22 @@ export function roomToTransfer<S>(room: Room<S>, transfer: string, source: strin
     slots: room.slots.map((m) => ({ clientId: room.byClientId.get(m.clientId) === m ? m.clientId : null, since: m.sinceSeq, kicked: m.kicked, received: m.received })),
     state: room.stateFrame,
     seq: room.seq,
-    frames: [...(room.ring?.records() ?? [])].map((r) => ({ seq: r.seq, ageMs: Math.max(0, nowMs - r.atMs), from: r.from, to: r.to ?? -1, frame: r.frame })),
-    lost: room.ring?.lostRecord() ?? NOTHING_LOST,
+    frames: held.map((r) => ({ seq: r.seq, ageMs: Math.max(0, nowMs - r.atMs), from: r.from, to: r.to ?? -1, frame: r.frame })),
+    lost: room.frames?.lostRecord() ?? NOTHING_LOST,
     hostGraceMs: room.hostGraceUntilMs === undefined ? undefined : Math.max(0, room.hostGraceUntilMs - nowMs),
   };
 }
 
-/** Resume-ring bounds of the adopting machine; `keepFrames: false` when its resume buffer is off. */
-export interface RingBounds {
-  maxFrames: number;
-  maxBytes: number;
-  keepFrames: boolean;
-}
-
 /**
  * The room a transfer describes, with nobody present: same code, slots (with their
- * clientIds, kicked flags and highest `n`), state, `seq`, and a resume ring that
- * refuses exactly the resumes the sender's would have. Frames past `bounds` are
- * given up oldest first, as the ring always does.
+ * clientIds, kicked flags and highest `n`), state, `seq`, and resume frames that
+ * refuse exactly the resumes the sender's would have. The frames go into this
+ * machine's resume log (`undefined`: resume is off here, and they count as given
+ * up), within its bounds, oldest given up first. The log is kept in time order, so
+ * an adopted frame's window starts at the adoption: a member gets a little longer
+ * to resume, never less.
  */
-export function roomFromTransfer<S>(t: RoomTransfer, bounds: RingBounds, nowMs: number): Room<S> {
+export function roomFromTransfer<S>(t: RoomTransfer, log: ResumeLog | undefined, nowMs: number): Room<S> {
   const room = newRoom<S>({ code: t.code, maxClients: t.maxClients, origin: t.origin, creatorIp: "", url: t.url });
   room.seq = t.seq;
   room.stateFrame = t.state;
@@ -596,16 +661,16 @@ export function roomFromTransfer<S>(t: RoomTransfer, bounds: RingBounds, nowMs: 
     room.slots.push(member);
     if (slot.clientId !== null) room.byClientId.set(slot.clientId, member);
   }
-  const ring = (room.ring = new FrameRing(bounds.maxFrames, bounds.maxBytes));
-  ring.restoreLost(t.lost);
+  const frames = (room.frames = new RoomFrames());
+  frames.restoreLost(t.lost);
   for (const f of t.frames) {
     const to = f.to === -1 ? undefined : f.to;
-    if (!bounds.keepFrames) {
-      ring.forget(f.seq, f.from, to);
+    if (!log) {
+      frames.forget(f.seq, f.from, to);
       continue;
     }
     const bytes = Buffer.from(f.frame, "utf8");
-    ring.push(f.seq, { length: bytes.length, copyTo: (target, at) => void bytes.copy(target, at) }, f.from, to, nowMs - f.ageMs);
+    log.keep(frames, f.seq, { length: bytes.length, copyTo: (target, at) => void bytes.copy(target, at) }, f.from, to, nowMs);
   }
   return room;
 }

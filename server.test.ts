@@ -1466,6 +1466,43 @@ describe("resume", () => {
     expect(late.joined.seq).toBe(3);
   });
 
+  test("frames of very different sizes from two rooms, wrapped many times round a small log, replay byte for byte", async () => {
+    // Sizes from 20 to 1500 bytes in an 8 KiB log shared by two rooms: it wraps with the oldest
+    // frame sometimes still lying past the write position, where a careless wrap overwrites newer frames.
+    const r = relay({ rateLimitPerSec: 0, resumeTotalBytes: 8192 });
+    const { host, code } = await createRoom(r);
+    const other = await createRoom(r, "other-host");
+    const otherGuest = (await joinRoom(r, other.code, "other-guest")).client;
+    let phone = (await joinRoom(r, code, "phone")).client;
+    const live = new Map<number, string>();
+    let seed = 7;
+    const nextSize = () => 20 + ((seed = (seed * 1103515245 + 12345) % 2 ** 31) % 1480);
+    let replayed = 0;
+    for (let round = 0; round < 60; round++) {
+      for (let i = 0; i < 4; i++) {
+        host.send({ type: "send", data: "x".repeat(nextSize()) });
+        const m = await phone.next("message");
+        live.set(m.seq, phone.raw.at(-1)!);
+        other.host.send({ type: "send", data: "y".repeat(nextSize()) });
+        await otherGuest.next("message");
+      }
+      const last = Math.max(...live.keys());
+      const after = last - 1 - (round % 4);
+      phone.close();
+      await host.next("peer_left");
+      phone = await TestClient.connect(r.wsUrl);
+      phone.send({ type: "join", clientId: "phone", room: code, resume: after });
+      const joined = await phone.next("joined");
+      if (!joined.resumed) continue;
+      for (let seq = after + 1; seq <= last; seq++) {
+        await phone.next("message");
+        expect(phone.raw.at(-1)).toBe(live.get(seq)!);
+        replayed++;
+      }
+    }
+    expect(replayed).toBeGreaterThan(20);
+  });
+
   test("after a clean close, resume replays exactly the missed frames in order, then live traffic", async () => {
     const r = relay();
     const { host, code } = await createRoom(r);

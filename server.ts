@@ -2,7 +2,7 @@
 //
 // One Bun process keeps rooms of numbered slots in memory and forwards JSON
 // between them. It never interprets game data. The room model itself (slots,
-// the resume ring, the transfer value a deploy hands over) is plain data in
+// the resume log, the transfer value a deploy hands over) is plain data in
 // room.ts. Read top to bottom: options, inbound validation (client frames and
 // peers' transfers), the per-connection state, logging, metric counters,
 // multi-machine routing, then the factory that wires rooms, handlers, the
@@ -33,15 +33,17 @@ import { decodeRoomCode, generateRoomCode, regionOfCode } from "./regions.ts";
 import {
   addMember,
   CLOSE_BRACE,
-  joinVerdict,
-  resumePlan,
   DATA_FIELD,
   FRAME_OVERHEAD_BYTES,
-  FrameRing,
   FrameWriter,
+  joinVerdict,
+  maxFrameBytes,
   MESSAGE_HEAD,
   newRoom,
   presentPeers,
+  ResumeLog,
+  resumePlan,
+  RoomFrames,
   roomFromTransfer,
   roomToTransfer,
   SEQ_FIELD,
@@ -1242,7 +1244,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function deleteRoom(room: Room, reason: string): void {
     room.closed = true;
-    ringTotalBytes -= room.ring?.size ?? 0;
+    if (room.frames) resumeLog?.release(room.frames);
     clearTimeout(room.hostGraceTimer);
     rooms.delete(room.code);
     const left = (roomsByIp.get(room.creatorIp) ?? 1) - 1;
@@ -1337,10 +1339,10 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   /**
    * `joined`, then either every frame the member missed since `resume` (when
-   * the ring still reaches back that far) or the state snapshot.
+   * the resume log still reaches back that far) or the state snapshot.
    */
   function sendJoined(ws: Socket, room: Room, member: Member, resume: number | undefined, askedToResume: boolean): void {
-    const plan = resumePlan(room, member, resume);
+    const plan = resumePlan(room, member, resume, resumeLog);
     const resumed = plan.resumed;
     const joined = {
       type: "joined",
@@ -1399,12 +1401,19 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     accept(member, msg.n);
   }
 
-  const frameWriter = new FrameWriter(options.maxMessageBytes + FRAME_OVERHEAD_BYTES);
+  // A spare place for frames the resume log does not take in place: the largest a
+  // frame within MAX_MESSAGE_BYTES can become (its data, 3 bytes per UTF-16 unit at most).
+  const spareWriter = new FrameWriter(Buffer.allocUnsafe(FRAME_OVERHEAD_BYTES + 3 * options.maxMessageBytes));
+
+  /** Where a frame around `json` is written: in place at the resume log's head when the log can keep it. */
+  function writerFor(json: string | undefined): FrameWriter {
+    return resumeLog?.writerFor(maxFrameBytes(json)) ?? spareWriter;
+  }
 
   /** Numbers a `message` frame, keeps it for `resume` and counts its deliveries. */
   function relayFrame(room: Room, from: Member, dataJson: string | undefined, to: Recipients, recipients: number, nowMs: number): string {
     const seq = ++room.seq;
-    const frame = frameWriter.start(MESSAGE_HEAD).uint(from.index).raw(SEQ_FIELD).uint(seq);
+    const frame = writerFor(dataJson).start(MESSAGE_HEAD).uint(from.index).raw(SEQ_FIELD).uint(seq);
     if (dataJson === undefined) frame.close();
     else frame.raw(DATA_FIELD).jsonThenClose(dataJson);
     remember(room, seq, frame, from.index, to, nowMs);
@@ -1442,40 +1451,20 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     return targets.length > 0;
   }
 
-  // ------------------------------------------------------------ resume ring
+  // ------------------------------------------------------------ resume log
 
-  let ringTotalBytes = 0;
-  const resumeEnabled = options.resumeWindowMs > 0 && options.resumeRoomFrames > 0 && options.resumeRoomBytes > 0;
+  const resumeEnabled = options.resumeWindowMs > 0 && options.resumeRoomFrames > 0 && options.resumeRoomBytes > 0 && options.resumeTotalBytes > 0;
+  const resumeLog = resumeEnabled ? new ResumeLog(options.resumeTotalBytes, options.resumeRoomFrames, options.resumeRoomBytes) : undefined;
 
-  function remember(room: Room, seq: number, frame: Pick<FrameWriter, "length" | "copyTo">, from: number, to: Recipients, atMs: number): void {
-    const ring = (room.ring ??= new FrameRing(options.resumeRoomFrames, options.resumeRoomBytes));
-    if (!resumeEnabled) return ring.forget(seq, from, to);
-    const before = ring.size;
-    ring.push(seq, frame, from, to, atMs);
-    ringTotalBytes += ring.size - before;
-    keepWithinProcessCap(ring);
-  }
-
-  /** Past the process-wide cap, the room that adds frames gives up its own oldest. */
-  function keepWithinProcessCap(ring: FrameRing): void {
-    while (ringTotalBytes > options.resumeTotalBytes && ring.count > 1) {
-      const size = ring.size;
-      ring.dropOldest();
-      ringTotalBytes -= size - ring.size;
-    }
-  }
-
-  function expireRing(room: Room, nowMs: number): void {
-    const { ring } = room;
-    if (!ring) return;
-    const before = ring.size;
-    ring.expire(nowMs - options.resumeWindowMs);
-    ringTotalBytes -= before - ring.size;
+  function remember(room: Room, seq: number, frame: FrameWriter, from: number, to: Recipients, atMs: number): void {
+    const frames = (room.frames ??= new RoomFrames());
+    if (resumeLog) resumeLog.keep(frames, seq, frame, from, to, atMs);
+    else frames.forget(seq, from, to);
   }
 
   function replayMissed(ws: Socket, room: Room, index: number, after: number): void {
-    if (!room.ring) return;
-    for (const frame of room.ring.addressedTo(index, after)) {
+    if (!room.frames || !resumeLog) return;
+    for (const frame of resumeLog.addressedTo(room.frames, index, after)) {
       counters.framesReplayed++;
       deliver(ws, frame);
     }
@@ -1487,7 +1476,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     if (isDuplicate(member, n)) return;
     if (member.index !== 0) return sendError(ws, "not_host", "Only the host can set state");
     const seq = ++room.seq;
-    const frame = frameWriter.start(STATE_HEAD).uint(seq).raw(DATA_FIELD).jsonThenClose(stateJson);
+    const frame = writerFor(stateJson).start(STATE_HEAD).uint(seq).raw(DATA_FIELD).jsonThenClose(stateJson);
     remember(room, seq, frame, member.index, undefined, ws.data.lastSeenMs);
     room.stateFrame = frame.text();
     publish(room, ws, room.stateFrame);
@@ -1627,7 +1616,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
    */
   const heartbeat = setInterval(() => {
     const nowMs = Date.now();
-    for (const room of rooms.values()) expireRing(room, nowMs);
+    resumeLog?.expire(nowMs - options.resumeWindowMs);
     misses.sweep(nowMs);
     for (const ws of conns) {
       if (ws.data.closing) continue;
@@ -1679,10 +1668,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   /** The room comes to life here with nobody present; the host's slot counts as vacated at the move. */
   function adopt(t: RoomTransfer): void {
     const nowMs = Date.now();
-    const room = roomFromTransfer<Socket>(t, { maxFrames: options.resumeRoomFrames, maxBytes: options.resumeRoomBytes, keepFrames: resumeEnabled }, nowMs);
+    const room = roomFromTransfer<Socket>(t, resumeLog, nowMs);
     room.movingGraceUntilMs = nowMs + options.movingGraceMs;
-    ringTotalBytes += room.ring?.size ?? 0;
-    if (room.ring) keepWithinProcessCap(room.ring);
     rooms.set(room.code, room);
     startHostGrace(room, t.hostGraceMs ?? options.hostGraceMs);
     setTimeout(() => {
@@ -1738,7 +1725,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   /** Offers the room to one peer. The room freezes first, so nothing changes after it is written out. */
   async function offer(room: Room, peer: string, transfer: string): Promise<HandoffResult> {
     room.moving = true;
-    const body = JSON.stringify(roomToTransfer(room, transfer, instanceId, Date.now()));
+    const body = JSON.stringify(roomToTransfer(room, resumeLog, transfer, instanceId, Date.now()));
     const signal = AbortSignal.timeout(options.handoffTimeoutMs);
     try {
       const address = await router.addressOf(peer);
@@ -2004,7 +1991,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     family("party_sockets_miss_budget_ips", "gauge", "IPs with a miss budget in use (capped)", one(misses.trackedIps()));
     family("party_sockets_frames_replayed_total", "counter", "Frames replayed to resuming members", one(counters.framesReplayed));
     family("party_sockets_duplicate_frames_total", "counter", "Numbered frames dropped because their n was already accepted", one(counters.duplicateFrames));
-    family("party_sockets_resume_buffer_bytes", "gauge", "UTF-8 bytes of relayed frames kept for resume", one(ringTotalBytes));
+    family("party_sockets_resume_buffer_bytes", "gauge", "UTF-8 bytes of relayed frames kept for resume", one(resumeLog?.held ?? 0));
     family("party_sockets_handoffs_total", "counter", "Attempts to hand a room to a peer on SIGTERM, by result (no_peer: per room left here)", byLabel("result", handoffs));
     family("party_sockets_rooms_adopted_total", "counter", "Rooms this machine adopted from a draining peer", one(roomsAdopted));
     out.push(

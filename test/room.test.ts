@@ -1,17 +1,19 @@
 // The room model (room.ts) driven without a socket: slots, the join and resume
-// rules, the resume ring and the transfer value a deploy hands to another machine. The "socket" of a member is a
-// plain string here; the model only asks whether there is one.
+// rules, the resume log and the transfer value a deploy hands to another machine.
+// The "socket" of a member is a plain string here; the model only asks whether
+// there is one.
 import { describe, expect, test } from "bun:test";
 import {
   addMember,
   DATA_FIELD,
-  FrameRing,
   FrameWriter,
   joinVerdict,
   MESSAGE_HEAD,
   newRoom,
   presentPeers,
+  ResumeLog,
   resumePlan,
+  RoomFrames,
   roomFromTransfer,
   roomToTransfer,
   SEQ_FIELD,
@@ -19,24 +21,25 @@ import {
   type Room,
 } from "../room.ts";
 
-const BOUNDS = { maxFrames: 64, maxBytes: 64 * 1024, keepFrames: true };
 const NOW_MS = 1_000_000;
+/** A machine's resume log: 1 MiB, and per room at most `roomFrames` frames of 64 KiB in all. */
+const log = (roomFrames = 64) => new ResumeLog(1024 * 1024, roomFrames, 64 * 1024);
 
-/** Relays `data` from slot `from` as the relay does: numbered, kept in the ring. */
-function relay(room: Room<string>, from: number, data: unknown, to: Recipients = undefined, atMs = NOW_MS): void {
+/** Relays `data` from slot `from` as the relay does: numbered, kept in the log. */
+function relay(into: ResumeLog, room: Room<string>, from: number, data: unknown, to: Recipients = undefined): void {
   const seq = ++room.seq;
-  const frame = new FrameWriter(1024).start(MESSAGE_HEAD).uint(from).raw(SEQ_FIELD).uint(seq).raw(DATA_FIELD).jsonThenClose(JSON.stringify(data));
-  (room.ring ??= new FrameRing(BOUNDS.maxFrames, BOUNDS.maxBytes)).push(seq, frame, from, to, atMs);
+  const frame = new FrameWriter(Buffer.alloc(1024)).start(MESSAGE_HEAD).uint(from).raw(SEQ_FIELD).uint(seq).raw(DATA_FIELD).jsonThenClose(JSON.stringify(data));
+  into.keep((room.frames ??= new RoomFrames()), seq, frame, from, to, NOW_MS);
 }
 
 /** A room with a host and three players, some traffic, a left slot and a kicked one. */
-function playedRoom(): Room<string> {
+function playedRoom(into: ResumeLog): Room<string> {
   const room = newRoom<string>({ code: "abcdef", maxClients: 8, origin: "https://party.example", creatorIp: "1.2.3.4", url: "https://party.example/abcdef" });
   for (const id of ["host", "p1", "p2", "p3"]) addMember(room, id).ws = `socket-${id}`;
   room.present = 4;
-  relay(room, 0, { round: 1 });
-  relay(room, 1, "to host", 0);
-  relay(room, 2, "to two", [1, 3]);
+  relay(into, room, 0, { round: 1 });
+  relay(into, room, 1, "to host", 0);
+  relay(into, room, 2, "to two", [1, 3]);
   room.stateFrame = '{"type":"state","seq":4,"data":{"round":1}}';
   room.seq = 4;
   // p2 leaves for good (its clientId no longer maps to its slot), p3 is kicked.
@@ -46,10 +49,10 @@ function playedRoom(): Room<string> {
   return room;
 }
 
-/** Over the wire and back, as JSON. */
-function moved(room: Room<string>, bounds = BOUNDS, ageMs = 0): Room<string> {
-  const value = JSON.parse(JSON.stringify(roomToTransfer(room, "transfer-1", "old-machine", NOW_MS)));
-  return roomFromTransfer<string>(value, bounds, NOW_MS + ageMs);
+/** Over the wire and back, as JSON, from the log `from` to the log `to` (undefined: resume off there). */
+function moved(room: Room<string>, from: ResumeLog, to: ResumeLog | undefined): Room<string> {
+  const value = JSON.parse(JSON.stringify(roomToTransfer(room, from, "transfer-1", "old-machine", NOW_MS)));
+  return roomFromTransfer<string>(value, to, NOW_MS);
 }
 
 describe("slots", () => {
@@ -64,7 +67,7 @@ describe("slots", () => {
   });
 
   test("presentPeers lists the other present slots, ascending", () => {
-    const room = playedRoom();
+    const room = playedRoom(log());
     room.slots[2]!.ws = null;
     expect(presentPeers(room, room.slots[1]!)).toEqual([0, 3]);
   });
@@ -72,8 +75,8 @@ describe("slots", () => {
 
 describe("the transfer value", () => {
   test("a moved room has the same code, limits, url, state, seq and slots, with nobody present", () => {
-    const before = playedRoom();
-    const after = moved(before);
+    const before = playedRoom(log());
+    const after = moved(before, log(), log());
     expect({ code: after.code, maxClients: after.maxClients, url: after.url, origin: after.origin, seq: after.seq, state: after.stateFrame }).toEqual({
       code: before.code,
       maxClients: before.maxClients,
@@ -93,58 +96,68 @@ describe("the transfer value", () => {
   });
 
   test("a released slot travels without its clientId (never reclaimable); a kicked one keeps it (still barred)", () => {
-    const after = moved(playedRoom());
+    const from = log();
+    const room = playedRoom(from);
+    expect(roomToTransfer(room, from, "t", "s", NOW_MS).slots[2]!.clientId).toBeNull();
+    const after = moved(room, from, log());
     expect(after.byClientId.has("p2")).toBe(false);
     expect(after.byClientId.get("p3")?.kicked).toBe(true);
-    expect(roomToTransfer(playedRoom(), "t", "s", NOW_MS).slots[2]!.clientId).toBeNull();
   });
 
-  test("the resume ring replays the same frames to each slot after the move", () => {
-    const before = playedRoom();
-    const after = moved(before);
+  test("the resume frames replay the same to each slot after the move", () => {
+    const from = log();
+    const to = log();
+    const before = playedRoom(from);
+    const after = moved(before, from, to);
     for (let slot = 0; slot < 4; slot++) {
-      expect([...after.ring!.addressedTo(slot, 0)]).toEqual([...before.ring!.addressedTo(slot, 0)]);
+      expect([...to.addressedTo(after.frames!, slot, 0)]).toEqual([...from.addressedTo(before.frames!, slot, 0)]);
     }
-    expect([...after.ring!.addressedTo(3, 0)]).toEqual(['{"type":"message","from":0,"seq":1,"data":{"round":1}}', '{"type":"message","from":2,"seq":3,"data":"to two"}']);
-    expect([...after.ring!.addressedTo(0, 0)]).toEqual(['{"type":"message","from":1,"seq":2,"data":"to host"}']);
+    expect([...to.addressedTo(after.frames!, 3, 0)]).toEqual(['{"type":"message","from":0,"seq":1,"data":{"round":1}}', '{"type":"message","from":2,"seq":3,"data":"to two"}']);
+    expect([...to.addressedTo(after.frames!, 0, 0)]).toEqual(['{"type":"message","from":1,"seq":2,"data":"to host"}']);
   });
 
   test("a resume refused before the move is refused after it, and one accepted stays accepted", () => {
-    const before = playedRoom();
-    before.ring = new FrameRing(2, BOUNDS.maxBytes);
-    before.seq = 0;
-    for (let i = 0; i < 5; i++) relay(before, i % 2, i); // slots 0 and 1 broadcast; the ring keeps 2
-    const after = moved(before);
-    for (let slot = 0; slot < 4; slot++) {
-      for (let seq = 0; seq <= 5; seq++) expect(after.ring!.lostSince(slot, seq)).toBe(before.ring.lostSince(slot, seq));
+    const from = log(2); // keeps 2 frames per room
+    const before = newRoom<string>({ code: "abcdef", maxClients: 8, origin: "o", creatorIp: "" });
+    for (const id of ["host", "p1", "p2"]) addMember(before, id);
+    for (let i = 0; i < 5; i++) relay(from, before, i % 2, i); // slots 0 and 1 broadcast
+    const after = moved(before, from, log());
+    for (let slot = 0; slot < 3; slot++) {
+      for (let seq = 0; seq <= 5; seq++) expect(after.frames!.lostSince(slot, seq)).toBe(before.frames!.lostSince(slot, seq));
     }
+    expect(after.frames!.lostSince(2, 2)).toBe(true);
+    expect(after.frames!.lostSince(2, 3)).toBe(false);
   });
 
-  test("an adopting machine with a smaller ring gives up the oldest frames, and knows it", () => {
-    const after = moved(playedRoom(), { ...BOUNDS, maxFrames: 1 });
-    expect(after.ring!.count).toBe(1);
-    expect(after.ring!.lostSince(1, 0)).toBe(true);
+  test("an adopting machine that keeps fewer frames per room gives up the oldest, and knows it", () => {
+    const from = log();
+    const after = moved(playedRoom(from), from, log(1));
+    expect(after.frames!.count).toBe(1);
+    expect(after.frames!.lostSince(1, 0)).toBe(true);
   });
 
-  test("with the resume buffer off, every frame is recorded as given up", () => {
-    const after = moved(playedRoom(), { ...BOUNDS, keepFrames: false });
-    expect(after.ring!.count).toBe(0);
-    expect(after.ring!.lostSince(1, 0)).toBe(true);
+  test("with resume off on the adopting machine, every frame is recorded as given up", () => {
+    const from = log();
+    const after = moved(playedRoom(from), from, undefined);
+    expect(after.frames!.count).toBe(0);
+    expect(after.frames!.lostSince(1, 0)).toBe(true);
   });
 
-  test("frame ages travel, not timestamps: the receiver's clock places them", () => {
-    const before = playedRoom();
-    const value = roomToTransfer(before, "t", "s", NOW_MS + 250);
+  test("frame ages travel, not timestamps; the adopting log keeps them a window from the adoption (it stays in time order)", () => {
+    const from = log();
+    const value = roomToTransfer(playedRoom(from), from, "t", "s", NOW_MS + 250);
     expect(value.frames.map((f) => f.ageMs)).toEqual([250, 250, 250]);
-    const after = roomFromTransfer<string>(value, BOUNDS, 5_000_000);
-    expect([...after.ring!.records()].map((r) => r.atMs)).toEqual([4_999_750, 4_999_750, 4_999_750]);
+    const to = log();
+    const after = roomFromTransfer<string>(value, to, 5_000_000);
+    expect([...to.framesOf(after.frames!)].map((r) => r.atMs)).toEqual([5_000_000, 5_000_000, 5_000_000]);
   });
 
   test("what is left of the host grace travels; none when the host is present", () => {
-    const room = playedRoom();
-    expect(roomToTransfer(room, "t", "s", NOW_MS).hostGraceMs).toBeUndefined();
+    const from = log();
+    const room = playedRoom(from);
+    expect(roomToTransfer(room, from, "t", "s", NOW_MS).hostGraceMs).toBeUndefined();
     room.hostGraceUntilMs = NOW_MS + 40_000;
-    expect(roomToTransfer(room, "t", "s", NOW_MS + 1_000).hostGraceMs).toBe(39_000);
+    expect(roomToTransfer(room, from, "t", "s", NOW_MS + 1_000).hostGraceMs).toBe(39_000);
   });
 });
 
@@ -184,18 +197,19 @@ describe("the join rules", () => {
 });
 
 describe("the resume rules", () => {
-  test("a resume inside the ring replays what came after it; never anything older than the slot", () => {
-    const r = playedRoom();
-    expect(resumePlan(r, r.slots[1]!, 1)).toEqual({ resumed: true, after: 1, oldest: 1 });
+  test("a resume inside the log replays what came after it; never anything older than the slot", () => {
+    const into = log();
+    const r = playedRoom(into);
+    expect(resumePlan(r, r.slots[1]!, 1, into)).toEqual({ resumed: true, after: 1, oldest: 1 });
     r.slots[1]!.sinceSeq = 3;
-    expect(resumePlan(r, r.slots[1]!, 0).after).toBe(3);
+    expect(resumePlan(r, r.slots[1]!, 0, into).after).toBe(3);
   });
 
   test("a resume from the future, one whose frames were given up, or none at all is not resumed", () => {
-    const r = playedRoom();
-    expect(resumePlan(r, r.slots[1]!, 99).resumed).toBe(false);
-    expect(resumePlan(r, r.slots[1]!, undefined).resumed).toBe(false);
-    r.ring!.dropOldest();
-    expect(resumePlan(r, r.slots[3]!, 0)).toEqual({ resumed: false, after: 0, oldest: 2 });
+    const into = log(2); // keeps the last 2 frames of the 3
+    const r = playedRoom(into);
+    expect(resumePlan(r, r.slots[1]!, 99, into).resumed).toBe(false);
+    expect(resumePlan(r, r.slots[1]!, undefined, into).resumed).toBe(false);
+    expect(resumePlan(r, r.slots[3]!, 0, into)).toEqual({ resumed: false, after: 0, oldest: 2 });
   });
 });
