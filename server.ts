@@ -567,7 +567,7 @@ function createMissBudget(burst: number, refillMs: number) {
 
 // ====================================================== rooms: on the socket
 //
-// The room itself (its slots, the resume ring, the transfer value) is plain data
+// The room itself (its slots, the resume log, the transfer value) is plain data
 // in room.ts; here is what ties it to Bun's sockets.
 
 type Socket = ServerWebSocket<Conn>;
