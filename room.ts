@@ -549,6 +549,65 @@ export function resumePlan<S>(room: Room<S>, member: Member<S>, resume: number |
   return { resumed, after, oldest: (room.frames && log?.oldest(room.frames)) ?? room.seq + 1 };
 }
 
+/** What a `kick` of slot `index` by `by` does: only the host kicks, never itself, and a slot once. */
+export type KickVerdict<S> =
+  | { kind: "refuse"; code: "not_host" | "target_not_found" }
+  | { kind: "already" }
+  | { kind: "kick"; member: Member<S> };
+
+export function kickVerdict<S>(room: Room<S>, by: Member<S>, index: number): KickVerdict<S> {
+  if (by.index !== 0) return { kind: "refuse", code: "not_host" };
+  const target = room.slots[index];
+  if (!target || target === by) return { kind: "refuse", code: "target_not_found" };
+  if (target.kicked) return { kind: "already" };
+  return { kind: "kick", member: target };
+}
+
+/**
+ * Bars a slot's clientId for the room's life, even when the slot is vacant or
+ * was left: a left slot's clientId is barred anew, unless it has since taken
+ * another slot (which the host can kick in turn). The caller closes its socket.
+ */
+export function bar<S>(room: Room<S>, member: Member<S>): void {
+  member.kicked = true;
+  if (!room.byClientId.has(member.clientId)) room.byClientId.set(member.clientId, member);
+}
+
+/** `leave`: the slot is released for good; its clientId no longer reclaims it (a later join takes a new slot). */
+export function release<S>(room: Room<S>, member: Member<S>): void {
+  room.byClientId.delete(member.clientId);
+}
+
+/** Lossless sends: a frame numbered `n` (0: not numbered) that the slot already had accepted is a duplicate. */
+export function isDuplicate<S>(member: Member<S>, n: number): boolean {
+  return n !== 0 && n <= member.received;
+}
+
+/** Lossless sends: the frame numbered `n` was relayed or stored. */
+export function accept<S>(member: Member<S>, n: number): void {
+  if (n > member.received) member.received = n;
+}
+
+/**
+ * `to: [...]`: the present slots, each once and in the order given, and the
+ * absent ones. `stamp` must be new for each send: it marks a slot already taken
+ * without a set per send.
+ */
+export function listTargets<S>(room: Room<S>, to: readonly number[], stamp: number): { targets: number[]; missing: Set<number> | undefined } {
+  const targets: number[] = [];
+  let missing: Set<number> | undefined;
+  for (const index of to) {
+    const member = room.slots[index];
+    if (!member?.ws) {
+      (missing ??= new Set()).add(index);
+    } else if (member.stamp !== stamp) {
+      member.stamp = stamp;
+      targets.push(index);
+    }
+  }
+  return { targets, missing };
+}
+
 // ======================================================= the transfer value
 //
 // On SIGTERM a room is written out as this plain, versioned value and posted to

@@ -31,16 +31,22 @@ import {
 } from "./protocol.ts";
 import { decodeRoomCode, generateRoomCode, regionOfCode } from "./regions.ts";
 import {
+  accept,
   addMember,
+  bar,
   CLOSE_BRACE,
   DATA_FIELD,
   FRAME_OVERHEAD_BYTES,
   FrameWriter,
+  isDuplicate,
   joinVerdict,
+  kickVerdict,
+  listTargets,
   maxFrameBytes,
   MESSAGE_HEAD,
   newRoom,
   presentPeers,
+  release,
   ResumeLog,
   resumePlan,
   RoomFrames,
@@ -1369,22 +1375,20 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
    * `n` was relayed (or stored) before, and is resent only because its sender
    * could not know. It is dropped without an error.
    */
-  function isDuplicate(member: Member, n: number): boolean {
-    if (n > member.received || n === 0) return false;
+  /** A frame the slot already had accepted: not relayed again, no error (it was delivered), counted. */
+  function dropDuplicate(member: Member, n: number): boolean {
+    if (!isDuplicate(member, n)) return false;
     counters.duplicateFrames++;
     return true;
   }
 
   /** The frame was relayed or stored: its `n` is now the slot's highest (an unnumbered frame's 0 changes nothing). */
-  function accept(member: Member, n: number): void {
-    if (n > member.received) member.received = n;
-  }
 
   /** The hot path: one serialisation, fanout through the room topic. */
   function handleSend(ws: Socket, msg: ValidSend): void {
     const { room, member } = ws.data;
     if (!room || !member) return sendError(ws, "not_in_room");
-    if (isDuplicate(member, msg.n)) return;
+    if (dropDuplicate(member, msg.n)) return;
     const to = msg.to;
     if (to === undefined) {
       counters.relayedBroadcast++;
@@ -1425,19 +1429,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   let sendStamp = 0;
   /** `to: [...]`: each present slot once; the absent ones are reported back. Whether anyone got it. */
   function sendToList(ws: Socket, room: Room, sender: Member, to: number[], dataJson: string | undefined): boolean {
-    const stamp = ++sendStamp;
-    const targets: number[] = [];
-    let missing: Set<number> | undefined;
-    for (const index of to) {
-      const member = room.slots[index];
-      if (member?.ws) {
-        if (member.stamp === stamp) continue;
-        member.stamp = stamp;
-        targets.push(index);
-      } else {
-        (missing ??= new Set()).add(index);
-      }
-    }
+    const { targets, missing } = listTargets(room, to, ++sendStamp);
     if (targets.length > 0) {
       counters.relayedTargeted++;
       const frame = relayFrame(room, sender, dataJson, targets, targets.length, ws.data.lastSeenMs);
@@ -1473,7 +1465,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   function handleSetState(ws: Socket, stateJson: string, n: number): void {
     const { room, member } = ws.data;
     if (!room || !member) return sendError(ws, "not_in_room");
-    if (isDuplicate(member, n)) return;
+    if (dropDuplicate(member, n)) return;
     if (member.index !== 0) return sendError(ws, "not_host", "Only the host can set state");
     const seq = ++room.seq;
     const frame = writerFor(stateJson).start(STATE_HEAD).uint(seq).raw(DATA_FIELD).jsonThenClose(stateJson);
@@ -1495,7 +1487,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     const { room, member } = ws.data;
     if (!room || !member) return sendError(ws, "not_in_room");
     if (member.index === 0) return closeRoom(room, "host_left");
-    room.byClientId.delete(member.clientId);
+    release(room, member);
     vacate(room, member, ws);
     deliver(ws, JSON.stringify({ type: "left", room: room.code }));
   }
@@ -1509,14 +1501,12 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   function handleKick(ws: Socket, index: number): void {
     const { room, member } = ws.data;
     if (!room || !member) return sendError(ws, "not_in_room");
-    if (member.index !== 0) return sendError(ws, "not_host", "Only the host can kick");
-    const target = room.slots[index];
-    if (!target || target === member) return sendError(ws, "target_not_found");
-    if (target.kicked) return;
-    target.kicked = true;
-    if (!room.byClientId.has(target.clientId)) room.byClientId.set(target.clientId, target);
+    const verdict = kickVerdict(room, member, index);
+    if (verdict.kind === "refuse") return sendError(ws, verdict.code, verdict.code === "not_host" ? "Only the host can kick" : undefined);
+    if (verdict.kind === "already") return;
+    bar(room, verdict.member);
     log.info("member_kicked", { room: room.code, index });
-    if (target.ws) evict(target.ws, "kicked");
+    if (verdict.member.ws) evict(verdict.member.ws, "kicked");
   }
 
   /** In a room, `received` tells a numbering client which of its frames it may forget (absent until there are any). */

@@ -488,7 +488,7 @@ async function main(): Promise<void> {
         const r = rec.result;
         console.error(
           r
-            ? `bench: rep ${rep} ${scenario.padEnd(15)} ${kind.name.padEnd(7)} ${fmt(r.deliveriesPerS, 0).padStart(9)}/s  server ${fmt(scenario === "churn" ? r.serverCpuUsPerCycle : r.serverCpuUsPerDelivery, 3)} µs/${scenario === "churn" ? "cycle" : "delivery"}  server ${r.serverCpuPct.toFixed(0)} %  gen ${r.genCpuPct.toFixed(0)} %  gaps ${r.gaps}`
+            ? `bench: rep ${rep} ${scenario.padEnd(15)} ${kind.name.padEnd(7)} ${fmt(r.deliveriesPerS, 0).padStart(9)}/s  server ${fmt(scenario === "churn" ? r.serverCpuUsPerCycle : r.serverCpuUsPerDelivery, 3)} µs/${scenario === "churn" ? "cycle" : "delivery"}  server ${fmt(r.serverCpuPct, 0)} %  gen ${fmt(r.genCpuPct, 0)} %  gaps ${r.gaps}`
             : `bench: rep ${rep} ${scenario} ${kind.name} FAILED: ${rec.error}`,
         );
         writeFileSync(join(o.out, "results.json"), JSON.stringify({ env, options: o, records }, null, 2));

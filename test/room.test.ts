@@ -4,13 +4,19 @@
 // there is one.
 import { describe, expect, test } from "bun:test";
 import {
+  accept,
   addMember,
+  bar,
   DATA_FIELD,
   FrameWriter,
+  isDuplicate,
   joinVerdict,
+  kickVerdict,
+  listTargets,
   MESSAGE_HEAD,
   newRoom,
   presentPeers,
+  release,
   ResumeLog,
   resumePlan,
   RoomFrames,
@@ -211,5 +217,69 @@ describe("the resume rules", () => {
     expect(resumePlan(r, r.slots[1]!, 99, into).resumed).toBe(false);
     expect(resumePlan(r, r.slots[1]!, undefined, into).resumed).toBe(false);
     expect(resumePlan(r, r.slots[3]!, 0, into)).toEqual({ resumed: false, after: 0, oldest: 2 });
+  });
+});
+
+/** A room whose slots 0 (host), 1 and 2 are present and 3 is vacant. */
+function fourSlots(): Room<string> {
+  const room = newRoom<string>({ code: "abcdef", maxClients: 8, origin: "o", creatorIp: "" });
+  for (const id of ["host", "p1", "p2", "p3"]) addMember(room, id).ws = `socket-${id}`;
+  room.slots[3]!.ws = null;
+  room.present = 3;
+  return room;
+}
+
+describe("the kick rules", () => {
+  test("only the host kicks; never itself, nor a slot that never existed", () => {
+    const room = fourSlots();
+    const host = room.slots[0]!;
+    const p1 = room.slots[1]!;
+    expect(kickVerdict(room, p1, 2)).toEqual({ kind: "refuse", code: "not_host" });
+    expect(kickVerdict(room, host, 0)).toEqual({ kind: "refuse", code: "target_not_found" });
+    expect(kickVerdict(room, host, 9)).toEqual({ kind: "refuse", code: "target_not_found" });
+    expect(kickVerdict(room, host, 2)).toEqual({ kind: "kick", member: room.slots[2]! });
+    expect(kickVerdict(room, host, 3)).toEqual({ kind: "kick", member: room.slots[3]! });
+  });
+
+  test("a barred slot is kicked once and its clientId never joins again, vacant or left", () => {
+    const room = fourSlots();
+    const host = room.slots[0]!;
+    bar(room, room.slots[3]!);
+    expect(kickVerdict(room, host, 3)).toEqual({ kind: "already" });
+    expect(joinVerdict(room, "p3", 64)).toEqual({ kind: "refuse", code: "kicked" });
+    // p2 left for good, then is kicked: its clientId is barred anew rather than taking a new slot.
+    release(room, room.slots[2]!);
+    expect(joinVerdict(room, "p2", 64)).toEqual({ kind: "new" });
+    bar(room, room.slots[2]!);
+    expect(joinVerdict(room, "p2", 64)).toEqual({ kind: "refuse", code: "kicked" });
+  });
+
+  test("a left slot whose clientId took a new slot keeps that new slot", () => {
+    const room = fourSlots();
+    release(room, room.slots[1]!);
+    const again = addMember(room, "p1");
+    bar(room, room.slots[1]!);
+    expect(room.byClientId.get("p1")).toBe(again);
+    expect(joinVerdict(room, "p1", 64).kind).not.toBe("refuse");
+  });
+});
+
+describe("lossless sends", () => {
+  test("a numbered frame at or below the slot's highest accepted n is a duplicate; an unnumbered one never", () => {
+    const member = fourSlots().slots[1]!;
+    expect(isDuplicate(member, 1)).toBe(false);
+    accept(member, 3);
+    expect([1, 2, 3, 4].map((n) => isDuplicate(member, n))).toEqual([true, true, true, false]);
+    expect(isDuplicate(member, 0)).toBe(false);
+    accept(member, 2); // an older n never lowers it
+    expect(member.received).toBe(3);
+  });
+});
+
+describe("the to-list rule", () => {
+  test("present slots once each, in the order given; absent ones reported", () => {
+    const room = fourSlots();
+    expect(listTargets(room, [2, 1, 2, 3, 7, 0], 1)).toEqual({ targets: [2, 1, 0], missing: new Set([3, 7]) });
+    expect(listTargets(room, [1, 1], 2)).toEqual({ targets: [1], missing: undefined });
   });
 });
