@@ -1154,6 +1154,11 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     ws.close(code, reason);
   }
 
+  /** `peer_joined` / `peer_left`, as JSON.stringify would write them, without building an object per member (churn). */
+  function peerFrame(type: "peer_joined" | "peer_left", index: number): string {
+    return `{"type":"${type}","index":${index}}`;
+  }
+
   /** Sends one frame to one socket, closing it with 4002 if its backlog passed the limit. */
   function deliver(ws: Socket, frame: string): void {
     if (ws.send(frame) <= 0) closeIfBackpressured(ws);
@@ -1238,7 +1243,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     member.ws = null;
     room.present--;
     if (room.present === 0 && !awaitsMembers(room)) return deleteRoom(room, "empty");
-    publish(room, null, JSON.stringify({ type: "peer_left", index: member.index }));
+    publish(room, null, peerFrame("peer_left", member.index));
     // That publish may have evicted the last others (slow consumers) and deleted the room.
     if (member.index === 0 && !room.closed) startHostGrace(room);
   }
@@ -1323,7 +1328,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
       clearTimeout(room.hostGraceTimer);
       room.hostGraceTimer = room.hostGraceUntilMs = undefined;
     }
-    publish(room, ws, JSON.stringify({ type: "peer_joined", index: member.index }));
+    publish(room, ws, peerFrame("peer_joined", member.index));
     sendJoined(ws, room, member, owned ? msg.resume : undefined, msg.resume !== undefined);
   }
 
@@ -1577,6 +1582,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
 
   function onOpen(ws: Socket): void {
     const conn = ws.data;
+    conn.ip ||= ws.remoteAddress || "unknown";
     conns.add(ws);
     originTotals(counters, conn.origin).connections++;
     const count = (connectionsByIp.get(conn.ip) ?? 0) + 1;
@@ -1869,12 +1875,14 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     return text("Origin not allowed\n", "text/plain", 403);
   }
 
-  /**
-   * The IP every per-IP limit counts. Fly's proxy is the socket's peer there,
-   * so its header names the client; anywhere else it could be forged.
-   */
+  /** The IP every per-IP limit counts, for an HTTP request (a socket's is read on open, the same way). */
   function clientIp(req: Request, srv: Server<Conn>): string {
-    return (options.flyAppName && req.headers.get("fly-client-ip")) || srv.requestIP(req)?.address || "unknown";
+    return flyClientIp(req) || srv.requestIP(req)?.address || "unknown";
+  }
+
+  /** On Fly its proxy is the socket's peer, so its header names the client; anywhere else it could be forged. */
+  function flyClientIp(req: Request): string {
+    return (options.flyAppName && req.headers.get("fly-client-ip")) || "";
   }
 
   function upgrade(req: Request, srv: Server<Conn>): Response | undefined {
@@ -1883,7 +1891,8 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
     const nowMs = Date.now();
     const origin = (req.headers.get("origin") || "unknown").slice(0, 200);
     const conn: Conn = {
-      ip: clientIp(req, srv),
+      // Off Fly the socket's own address, read on open: `requestIP` here measured 11 % of churn's CPU samples.
+      ip: flyClientIp(req),
       origin,
       room: null,
       member: null,
