@@ -49,6 +49,8 @@ const CONTRACT_METRICS = [
   "party_sockets_errors_total",
   "party_sockets_closes_total",
   "party_sockets_rate_limited_frames_total",
+  "party_sockets_duplicate_frames_total",
+  "party_sockets_resumes_total",
   "party_sockets_lookups_refused_total",
   "party_sockets_origin_refusals_total",
   "party_sockets_probes_total",
