@@ -1860,8 +1860,7 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   let originRefusalLoggedAtMs = 0;
 
   /** `ALLOWED_ORIGINS`: an HTTP 403 before the upgrade, so a refused page never gets a socket. */
-  function refuseOrigin(req: Request): Response | undefined {
-    const origin = req.headers.get("origin");
+  function refuseOrigin(origin: string | null): Response | undefined {
     const refusal: OriginRefusal | undefined = origin
       ? originAllowed(origin) ? undefined : "not_listed"
       : options.allowedOriginsRequire ? "missing" : undefined;
@@ -1886,10 +1885,11 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   }
 
   function upgrade(req: Request, srv: Server<Conn>): Response | undefined {
-    const refused = refuseOrigin(req);
+    const header = req.headers.get("origin");
+    const refused = refuseOrigin(header);
     if (refused) return refused;
     const nowMs = Date.now();
-    const origin = (req.headers.get("origin") || "unknown").slice(0, 200);
+    const origin = (header || "unknown").slice(0, 200);
     const conn: Conn = {
       // Off Fly the socket's own address, read on open: `requestIP` here measured 11 % of churn's CPU samples.
       ip: flyClientIp(req),
@@ -1909,17 +1909,18 @@ export function startRelay(overrides: Partial<RelayOptions> = {}): Relay {
   /** Routing first (SPEC §5: maybe a fly-replay elsewhere), then this machine's own answer. */
   function fetch(req: Request, srv: Server<Conn>): Response | undefined | Promise<Response | undefined> {
     const url = new URL(req.url);
-    const lookup = !isUpgrade(req) && url.pathname.startsWith("/room/");
+    const upgrading = isUpgrade(req);
+    const lookup = !upgrading && url.pathname.startsWith("/room/");
     const asker = lookup ? lookupAsker(req, srv) : null;
     const refused = lookup ? refuseLookup(asker) : undefined;
     if (refused) return refused;
     const routed = router.route(req, url);
-    if (routed instanceof Promise) return routed.then((answer) => answer ?? serveHere(req, url, srv, asker));
-    return routed ?? serveHere(req, url, srv, asker);
+    if (routed instanceof Promise) return routed.then((answer) => answer ?? serveHere(req, url, srv, upgrading, asker));
+    return routed ?? serveHere(req, url, srv, upgrading, asker);
   }
 
-  function serveHere(req: Request, url: URL, srv: Server<Conn>, asker: string | null): Response | undefined | Promise<Response> {
-    if (isUpgrade(req)) return upgrade(req, srv);
+  function serveHere(req: Request, url: URL, srv: Server<Conn>, upgrading: boolean, asker: string | null): Response | undefined | Promise<Response> {
+    if (upgrading) return upgrade(req, srv);
     // Without PEER_SECRET the peer endpoint does not exist: that path is as unknown as any other.
     if (handoffEnabled && url.pathname === PEER_ROOMS_PATH) return receiveRoom(req);
     const route = routes[url.pathname];
